@@ -1,0 +1,18 @@
+# The README's commands. Each runs the (idempotent) setup first.
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: setup demo test lint
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(BIN)/loraens train --config configs/demo.yaml --out $(DEMO_OUT)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check src tests

@@ -1,0 +1,3 @@
+"""loraens: calibrated fine-tuning of language models with LoRA ensembles."""
+
+__version__ = "0.1.0"

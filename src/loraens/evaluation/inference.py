@@ -1,0 +1,68 @@
+"""Score every member on a question set in stacked, gradient-free passes."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loraens.data.batching import collate
+from loraens.data.prompts import EncodedQuestions
+from loraens.evaluation.metrics import normalize_label_log_probs
+from loraens.models.lora import LoRAEnsemble
+from loraens.models.scoring import answer_hidden_states, label_logits
+from loraens.runtime import Runtime
+
+
+def member_slices(n_members: int, members_per_pass: int | None) -> list[slice]:
+    """Contiguous groups of members processed together in one pass."""
+    size = members_per_pass or n_members
+    return [slice(start, min(start + size, n_members)) for start in range(0, n_members, size)]
+
+
+def score_members(
+    ensemble: LoRAEnsemble,
+    encoded: EncodedQuestions,
+    label_ids: torch.Tensor,
+    runtime: Runtime,
+    *,
+    batch_size: int = 32,
+    members_per_pass: int | None = None,
+    progress: bool = False,
+    desc: str = "eval",
+) -> np.ndarray:
+    """Log p_T (Eq. 1) of every member on every question: (members, questions, max options).
+
+    Each batch of questions is replicated once per member in the pass, so one forward computes
+    all of their answer distributions; options a question does not have are -inf.
+    """
+    n = len(encoded)
+    n_labels = max(encoded.n_choices)
+    out = np.full((ensemble.n_members, n, n_labels), -np.inf)
+    model = ensemble.model
+    was_training = model.training
+    model.eval()
+    # Longest prompts first: each batch is then padded to lengths close to its own.
+    order = np.argsort([-len(ids) for ids in encoded.input_ids], kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    slices = member_slices(ensemble.n_members, members_per_pass)
+    try:
+        with torch.inference_mode(), runtime.autocast():
+            for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                for members in slices:
+                    n_active = members.stop - members.start
+                    inputs = collate(encoded, [batch] * n_active, pad_id=0)
+                    with ensemble.members(members):
+                        hidden = answer_hidden_states(
+                            model,
+                            inputs["input_ids"].to(runtime.device),
+                            inputs["lengths"].to(runtime.device),
+                        )
+                        logits = label_logits(model, hidden, label_ids[:n_labels])
+                    logits = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
+                    n_choices = np.asarray([encoded.n_choices[i] for i in batch])
+                    for offset, member in enumerate(range(members.start, members.stop)):
+                        out[member, batch] = normalize_label_log_probs(logits[offset], n_choices)
+    finally:
+        model.train(was_training)
+    return out

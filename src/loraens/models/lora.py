@@ -1,0 +1,140 @@
+"""M LoRA members on one frozen base model, trained and evaluated in one stacked pass.
+
+A forward pass carries a batch whose rows are grouped by member: rows ``[g*b, (g+1)*b)`` belong
+to the g-th active member. Every wrapped projection runs the frozen base matmul once over all
+rows, then adds each member's own low-rank update ``(alpha/r) * B_m A_m x`` to that member's
+rows only (the approach of mLoRA and LoRA-Ensemble). Members therefore never see each other's
+data or gradients, yet share one copy of the base weights and one large matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EnsembleLoRALinear(nn.Module):
+    """A frozen ``nn.Linear`` plus one low-rank update per ensemble member."""
+
+    def __init__(self, base: nn.Linear, n_members: int, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base = base
+        self.rank = rank
+        self.scaling = alpha / rank
+        # Stored as (member, rank, in) and (member, out, rank): member m's slices are exactly
+        # PEFT's lora_A.weight and lora_B.weight, so export is a plain slice.
+        self.lora_A = nn.Parameter(torch.zeros(n_members, rank, base.in_features))
+        self.lora_B = nn.Parameter(torch.zeros(n_members, base.out_features, rank))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.active = slice(None)
+
+    def reset_member(self, member: int, generator: torch.Generator) -> None:
+        """PEFT's initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so ΔW starts at 0."""
+        with torch.no_grad():
+            a = torch.empty_like(self.lora_A[member])
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
+            self.lora_A[member].copy_(a)
+            self.lora_B[member].zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base(x)
+        lora_A = self.lora_A[self.active]
+        lora_B = self.lora_B[self.active]
+        n_active = lora_A.shape[0]
+        rows = x.reshape(n_active, -1, x.shape[-1])  # (members, rows·tokens, in)
+        low_rank = torch.bmm(self.dropout(rows), lora_A.transpose(1, 2).to(rows.dtype))
+        update = torch.bmm(low_rank, lora_B.transpose(1, 2).to(low_rank.dtype))
+        return out + (self.scaling * update).reshape(out.shape).to(out.dtype)
+
+
+class LoRAEnsemble(nn.Module):
+    """Wraps a causal LM: its target projections become :class:`EnsembleLoRALinear` layers."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        n_members: int,
+        rank: int = 8,
+        alpha: float = 32.0,
+        dropout: float = 0.0,
+        target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    ):
+        super().__init__()
+        model.requires_grad_(False)  # one frozen base serves every member
+        self.model = model
+        self.n_members = n_members
+        self.rank = rank
+        self.alpha = alpha
+        self.target_modules = tuple(target_modules)
+        self.lora_layers: dict[str, EnsembleLoRALinear] = {}
+        for name, module in list(model.named_modules()):
+            if name.rsplit(".", 1)[-1] in self.target_modules and isinstance(module, nn.Linear):
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name)
+                layer = EnsembleLoRALinear(module, n_members, rank, alpha, dropout)
+                setattr(parent, child, layer)
+                self.lora_layers[name] = layer
+        if not self.lora_layers:
+            raise ValueError(
+                f"No nn.Linear module named any of {list(self.target_modules)} in "
+                f"{type(model).__name__}; set lora.target_modules to its attention projections."
+            )
+
+    def init_members(self, seeds: Sequence[int]) -> None:
+        """Initialise member m from ``seeds[m]`` alone, so a member never depends on M."""
+        for member, seed in enumerate(seeds):
+            generator = torch.Generator().manual_seed(seed)
+            for layer in self.lora_layers.values():
+                layer.reset_member(member, generator)
+
+    def lora_parameters(self, which: str) -> list[nn.Parameter]:
+        """The stacked ``lora_A`` or ``lora_B`` tensors of every wrapped layer."""
+        return [getattr(layer, f"lora_{which}") for layer in self.lora_layers.values()]
+
+    @contextmanager
+    def members(self, active: slice) -> Iterator[None]:
+        """Run the wrapped model with only the members in ``active`` (a contiguous slice)."""
+        previous = [layer.active for layer in self.lora_layers.values()]
+        for layer in self.lora_layers.values():
+            layer.active = active
+        try:
+            yield
+        finally:
+            for layer, prev in zip(self.lora_layers.values(), previous, strict=True):
+                layer.active = prev
+
+    def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
+        """Member ``member``'s weights under the key names PEFT uses in adapter files."""
+        state = {}
+        for name, layer in self.lora_layers.items():
+            prefix = f"base_model.model.{name}"
+            state[f"{prefix}.lora_A.weight"] = layer.lora_A[member].detach().float().contiguous()
+            state[f"{prefix}.lora_B.weight"] = layer.lora_B[member].detach().float().contiguous()
+        return state
+
+    def load_member_state_dict(self, member: int, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.member_state_dict(member))
+        missing, unexpected = expected - set(state), set(state) - expected
+        if missing or unexpected:
+            raise ValueError(
+                f"Adapter does not fit this model: {len(missing)} missing tensors "
+                f"(e.g. {sorted(missing)[:2]}), {len(unexpected)} unexpected "
+                f"(e.g. {sorted(unexpected)[:2]})."
+            )
+        with torch.no_grad():
+            for name, layer in self.lora_layers.items():
+                prefix = f"base_model.model.{name}"
+                for which in ("A", "B"):
+                    target = getattr(layer, f"lora_{which}")[member]
+                    tensor = state[f"{prefix}.lora_{which}.weight"]
+                    if tensor.shape != target.shape:
+                        raise ValueError(
+                            f"Adapter tensor {prefix}.lora_{which}.weight has shape "
+                            f"{tuple(tensor.shape)}, this model needs {tuple(target.shape)} "
+                            f"(different base model or rank)."
+                        )
+                    target.copy_(tensor)

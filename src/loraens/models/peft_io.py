@@ -1,0 +1,75 @@
+"""Members as standard PEFT adapter folders, loadable with ``PeftModel.from_pretrained``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+
+from loraens.io import atomic_path
+from loraens.models.lora import LoRAEnsemble
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+class AdapterError(ValueError):
+    """An adapter folder is missing, malformed, or does not fit the base model."""
+
+
+def save_member(ensemble: LoRAEnsemble, member: int, folder: Path, base_model: str) -> None:
+    """Write member ``member`` as a PEFT LoRA adapter folder, atomically."""
+    config = LoraConfig(
+        r=ensemble.rank,
+        lora_alpha=ensemble.alpha,
+        target_modules=list(ensemble.target_modules),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model,
+    )
+    with atomic_path(folder) as tmp:
+        config.save_pretrained(tmp)
+        save_file(ensemble.member_state_dict(member), tmp / ADAPTER_WEIGHTS, {"format": "pt"})
+
+
+def read_adapter_config(folder: Path) -> dict:
+    path = Path(folder) / ADAPTER_CONFIG
+    if not path.exists():
+        raise AdapterError(f"{folder} is not an adapter folder: {ADAPTER_CONFIG} is missing.")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise AdapterError(f"{path} is not valid JSON: {err}") from err
+    if config.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {config.get('peft_type')!r}, expected 'LORA'.")
+    return config
+
+
+def adapter_shape(folders: Sequence[Path]) -> tuple[int, float, list[str]]:
+    """(rank, alpha, target modules) shared by all adapters; they must agree to be stacked."""
+    shapes = set()
+    for folder in folders:
+        config = read_adapter_config(folder)
+        targets = config["target_modules"]
+        targets = sorted(targets) if isinstance(targets, list) else [targets]
+        shapes.add((config["r"], float(config["lora_alpha"]), tuple(targets)))
+    if len(shapes) != 1:
+        raise AdapterError(f"Adapters differ in rank, alpha or target modules: {sorted(shapes)}")
+    rank, alpha, targets = shapes.pop()
+    return rank, alpha, list(targets)
+
+
+def load_members(ensemble: LoRAEnsemble, folders: Sequence[Path]) -> None:
+    """Load adapter ``folders[m]`` into member m (safetensors only: nothing is unpickled)."""
+    for member, folder in enumerate(folders):
+        weights = Path(folder) / ADAPTER_WEIGHTS
+        if not weights.exists():
+            raise AdapterError(f"{folder}: {ADAPTER_WEIGHTS} is missing.")
+        try:
+            ensemble.load_member_state_dict(member, load_file(weights))
+        except ValueError as err:
+            raise AdapterError(f"{folder}: {err}") from err

@@ -1,0 +1,91 @@
+"""One epoch of stacked ensemble training."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from loraens.data.batching import collate, epoch_order
+from loraens.data.prompts import EncodedQuestions
+from loraens.evaluation.inference import member_slices
+from loraens.models.lora import LoRAEnsemble
+from loraens.models.scoring import answer_hidden_states, vocab_log_probs
+from loraens.runtime import Runtime
+
+
+class EnsembleTrainer:
+    """Trains every member on its own data order, members stacked along the batch dimension.
+
+    Each optimiser step processes one mini-batch per member. The loss of a pass is the sum over
+    its members of each member's mean NLL, so each member's gradient is exactly the gradient of
+    its own mini-batch loss (Eq. 3) and members never influence each other.
+    """
+
+    def __init__(
+        self,
+        ensemble: LoRAEnsemble,
+        optimizer: torch.optim.Optimizer,
+        train_set: EncodedQuestions,
+        label_ids: torch.Tensor,
+        runtime: Runtime,
+        *,
+        data_seeds: Sequence[int],
+        batch_size: int,
+        schedule_seed: int | None = None,
+        members_per_pass: int | None = None,
+        pad_id: int = 0,
+    ):
+        self.ensemble = ensemble
+        self.optimizer = optimizer
+        self.train_set = train_set
+        self.label_ids = label_ids.to(runtime.device)
+        self.runtime = runtime
+        self.data_seeds = list(data_seeds)
+        self.batch_size = batch_size
+        self.schedule_seed = schedule_seed
+        self.lengths = [len(ids) for ids in train_set.input_ids]
+        self.slices = member_slices(ensemble.n_members, members_per_pass)
+        self.pad_id = pad_id
+        self.tokens_seen = 0  # non-padding tokens, for throughput reports
+
+    def steps_per_epoch(self) -> int:
+        return -(-len(self.train_set) // self.batch_size)
+
+    def train_epoch(self, epoch: int, progress: bool = False) -> np.ndarray:
+        """Run one epoch; returns each member's mean training loss."""
+        orders = [
+            epoch_order(self.lengths, self.batch_size, seed, epoch, self.schedule_seed)
+            for seed in self.data_seeds
+        ]
+        losses = np.zeros(self.ensemble.n_members)
+        self.ensemble.model.train()
+        steps = range(self.steps_per_epoch())
+        for step in tqdm(steps, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
+            self.optimizer.zero_grad(set_to_none=True)
+            for members in self.slices:
+                batches = [orders[m][step] for m in range(members.start, members.stop)]
+                member_losses = self._backward(members, batches)
+                losses[members] += member_losses * len(batches[0])
+            self.optimizer.step()
+        self.ensemble.model.eval()
+        return losses / len(self.train_set)
+
+    def _backward(self, members: slice, batches: list[np.ndarray]) -> np.ndarray:
+        inputs = collate(self.train_set, batches, self.pad_id)
+        self.tokens_seen += int(inputs["lengths"].sum())
+        device = self.runtime.device
+        with self.ensemble.members(members), self.runtime.autocast():
+            hidden = answer_hidden_states(
+                self.ensemble.model,
+                inputs["input_ids"].to(device),
+                inputs["lengths"].to(device),
+            )
+            log_probs = vocab_log_probs(self.ensemble.model, hidden)
+        targets = self.label_ids[inputs["labels"].to(device)]
+        nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
+        per_member = nll.view(len(batches), -1).mean(dim=1)
+        per_member.sum().backward()
+        return per_member.detach().cpu().numpy()
