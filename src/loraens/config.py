@@ -3,7 +3,7 @@ these; a field's docstring is its --help text)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Literal
 
 
@@ -160,3 +160,23 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> TrainConfig:
+        """Rebuild a config from ``to_dict`` output (a run's config.yaml); unknown keys fail."""
+        sections = {f.name: f.default_factory for f in fields(cls)}
+        unknown = set(values) - set(sections)
+        if unknown:
+            raise ValueError(
+                f"Unknown config sections {sorted(unknown)}; known: {sorted(sections)}"
+            )
+        built = {}
+        for name, factory in sections.items():
+            section_type = type(factory())
+            known = {f.name for f in fields(section_type)}
+            given = values.get(name) or {}
+            bad = set(given) - known
+            if bad:
+                raise ValueError(f"Unknown keys in config section {name!r}: {sorted(bad)}")
+            built[name] = section_type(**given)
+        return cls(**built)

@@ -41,6 +41,14 @@ class RunDir:
     def summary(self) -> Path:
         return self.root / "summary.json"
 
+    @property
+    def provenance(self) -> Path:
+        return self.root / "provenance.json"
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / "checkpoint"
+
     def member(self, m: int) -> Path:
         return self.root / "members" / f"member-{m:02d}"
 

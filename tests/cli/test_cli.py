@@ -150,11 +150,26 @@ def test_user_errors_are_one_paragraph_without_traceback(tiny_model_dir, tmp_pat
     assert "members" in capsys.readouterr().err
 
 
-def test_refuses_to_overwrite_a_run(trained_run, tiny_model_dir, questions_files, capsys):
+def test_rerun_of_a_finished_run_reports_it_and_a_changed_config_is_refused(
+    trained_run, tiny_model_dir, questions_files, capsys
+):
     train, evaluation = questions_files
+    before = (trained_run / "metrics.jsonl").read_text()
+    main(_train_args(tiny_model_dir, train, evaluation, trained_run))
+    assert "ensemble (M=3)" in capsys.readouterr().out
+    assert (trained_run / "metrics.jsonl").read_text() == before
     with pytest.raises(SystemExit):
-        main(_train_args(tiny_model_dir, train, evaluation, trained_run))
-    assert "already exists" in capsys.readouterr().err
+        main(_train_args(tiny_model_dir, train, evaluation, trained_run, "--optim.lr", "0.5"))
+    err = capsys.readouterr().err
+    assert "different configuration" in err and "optim.lr" in err
+
+
+def test_refuses_a_non_run_directory(tiny_model_dir, questions_files, tmp_path, capsys):
+    train, evaluation = questions_files
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        main(_train_args(tiny_model_dir, train, evaluation, tmp_path))
+    assert "not a loraens run" in capsys.readouterr().err
 
 
 def test_console_script_lists_tasks():

@@ -28,6 +28,7 @@ set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
 def train(
     out: str = "runs/latest",
+    resume: str | None = None,
     model: ModelConfig = ModelConfig(),
     lora: LoRAConfig = LoRAConfig(),
     ensemble: EnsembleConfig = EnsembleConfig(),
@@ -37,12 +38,19 @@ def train(
 ) -> None:
     """Fine-tune a LoRA ensemble, evaluating every member and the ensemble each epoch.
 
-    Args:
-        out: Run directory to create (config, metrics.jsonl, predictions.jsonl, members/).
-    """
-    from loraens.training.run import print_result, train_ensemble
+    Rerunning the same command on the same --out continues an interrupted run after its last
+    complete epoch; a finished run just prints its table.
 
-    cfg = TrainConfig(model, lora, ensemble, optim, data, runtime)
+    Args:
+        out: Run directory (config, metrics.jsonl, predictions.jsonl, members/, checkpoint/).
+        resume: Continue the run in this directory with its saved configuration.
+    """
+    from loraens.training.run import print_result, resume_config, train_ensemble
+
+    if resume is not None:
+        cfg, out = resume_config(resume), resume
+    else:
+        cfg = TrainConfig(model, lora, ensemble, optim, data, runtime)
     print_result(train_ensemble(cfg, out))
 
 
@@ -126,8 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="loraens: %(message)s")
     try:
         CLI([train, evaluate, predict, tasks], args=argv)
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
+    except KeyboardInterrupt as interrupt:
+        print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
     except (ValueError, OSError, RuntimeError) as err:
         # Users get one actionable paragraph; --debug shows where it came from.

@@ -52,13 +52,19 @@ def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto")
     return LoadedEnsemble(ensemble, base, runtime, cfg["model"]["max_length"])
 
 
-def _score(loaded: LoadedEnsemble, questions: list[Question], batch_size: int, progress: bool):
-    max_choices = max(len(q.choices) for q in questions)
-    label_ids = torch.tensor(label_token_ids(loaded.base.tokenizer, max_choices))
-    encoded = encode_questions(loaded.base.tokenizer, questions, loaded.max_length)
+def score_questions(
+    loaded: LoadedEnsemble,
+    questions: list[Question],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
+    """Every member's log p_T on ``questions``: (members, questions, max options)."""
+    tokenizer = loaded.base.tokenizer
+    label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
     return score_members(
         loaded.ensemble,
-        encoded,
+        encode_questions(tokenizer, list(questions), loaded.max_length),
         label_ids.to(loaded.runtime.device),
         loaded.runtime,
         batch_size=batch_size,
@@ -76,7 +82,7 @@ def evaluate_run(
     """Metric rows (per member and ensemble) and the single-vs-ensemble table."""
     if any(q.answer is None for q in questions):
         raise ValueError("Evaluation needs an answer for every question; use predict instead.")
-    member_log_probs = _score(loaded, questions, batch_size, progress)
+    member_log_probs = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
     rows = metric_rows(member_log_probs, np.asarray([q.answer for q in questions]), split="eval")
     return rows, single_vs_ensemble(rows)
 
@@ -90,7 +96,7 @@ def predict_file(
     progress: bool = True,
 ) -> list[dict]:
     """Write one JSONL line per question: answer letter, ensemble probability, disagreement."""
-    member_log_probs = _score(loaded, questions, batch_size, progress)
+    member_log_probs = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
     rows = []
     for row in probability_rows(questions, member_log_probs):
         k = row["prediction"]

