@@ -61,6 +61,11 @@ class EnsembleConfig:
     """Give each member its own A initialisation (off: all members start identical)."""
     vary_data_order: bool = True
     """Give each member its own data shuffling (off: all members see the same order)."""
+    method: Literal["lora", "mc_dropout", "last_layer"] = "lora"
+    """lora: M independently trained LoRA members (the paper's method). mc_dropout: one LoRA
+    adapter trained with lora.dropout, averaged over M stochastic passes with dropout kept on.
+    last_layer: M copies of the LM-head rows of the answer letters fine-tuned alone (untied
+    from the input embeddings), the base model otherwise frozen."""
 
     def __post_init__(self):
         _require(self.members >= 1, f"ensemble.members must be >= 1, got {self.members}")
@@ -78,7 +83,14 @@ class OptimConfig:
     """Questions per member per step; None uses the paper's size for the task (cqa 32, obqa/arc
     16, mmlu 8; 16 for files)."""
     weight_decay: float = 0.01
-    """AdamW weight decay on every LoRA parameter (AdamW's default)."""
+    """AdamW (decoupled) weight decay λ. The paper's default regulariser is 0.01 on everything;
+    its strong regulariser is λ in {1e2, 5e2, 1e3} on B only."""
+    decay_target: Literal["all", "A", "B"] = "all"
+    """Which LoRA matrices weight_decay applies to; the others get none (App. B compares B, A,
+    and both)."""
+    kl_beta: float = 0.0
+    """β of the KL(p_fine-tuned || p_base) penalty at the answer position (paper: 0.01, 0.05,
+    0.1); 0 turns it off. Base distributions are computed once per training question."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -90,6 +102,7 @@ class OptimConfig:
         _require(
             self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}"
         )
+        _require(self.kl_beta >= 0, f"optim.kl_beta must be >= 0, got {self.kl_beta}")
 
 
 @dataclass
@@ -157,6 +170,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def __post_init__(self):
+        _require(
+            self.ensemble.method != "mc_dropout" or self.lora.dropout > 0,
+            "ensemble.method=mc_dropout needs lora.dropout > 0 (the paper's MC dropout samples "
+            "dropout masks on the adapter input; e.g. --lora.dropout 0.1).",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -116,6 +116,162 @@ def predict(
     print(f"wrote {len(rows)} predictions to {output}; members disagree on {unsure} of them")
 
 
+def few_shot(
+    task: str = "arce",
+    k: int = 3,
+    draws: int = 10,
+    seed: int = 0,
+    eval_limit: int | None = None,
+    model: str = "smollm2-135m",
+    max_length: int = 512,
+    output: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+) -> None:
+    """The few-shot baseline: the base model with k demonstrations from the train split.
+
+    Args:
+        task: Built-in task (its train split supplies demonstrations, its eval split is scored).
+        k: Demonstrations per prompt, drawn without replacement.
+        draws: Independent demonstration draws; metrics are averaged over them.
+        seed: Seed of the draws (and of the eval subset).
+        eval_limit: Score a random subset of this many eval questions (None: all).
+        model: 'smollm2-135m' or a local Hugging Face causal-LM folder.
+        max_length: Longest prompt in tokens; demonstrations are dropped to fit, never the
+            question.
+        output: Optional JSON file for per-draw metrics, mean and std.
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+    """
+    from loraens.config import DataConfig
+    from loraens.data.sources import load_run_data
+    from loraens.evaluation.report import METRICS
+    from loraens.io import write_json_atomic
+    from loraens.methods.few_shot import evaluate_few_shot
+    from loraens.models.loading import load_base_model
+    from loraens.runtime import resolve_runtime
+
+    runtime = resolve_runtime(device, precision)
+    base = load_base_model(model, device=runtime.device)
+    train_qs, eval_qs = load_run_data(
+        DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed)
+    )
+    result = evaluate_few_shot(
+        base.model,
+        base.tokenizer,
+        train_qs,
+        eval_qs,
+        k=k,
+        draws=draws,
+        seed=seed,
+        runtime=runtime,
+        max_length=max_length,
+        progress=True,
+    )
+    print(f"\n{k}-shot {task}, {len(eval_qs)} questions, {draws} draws (mean ± std)")
+    for metric in METRICS:
+        print(f"  {metric:<9}{result['mean'][metric]:.4f} ± {result['std'][metric]:.4f}")
+    if output:
+        write_json_atomic(output, result)
+
+
+def ood(
+    run: str,
+    ood_task: str | None = None,
+    ood_file: str | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+    output: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+) -> None:
+    """Evaluate a trained ensemble on out-of-distribution questions and detect them.
+
+    Reports accuracy, NLL, ECE and Brier on the OOD set, and OOD-detection AUROC (OOD is the
+    positive class) between the run's own eval split and the OOD set, scored by -max p (the
+    paper's), predictive entropy and mutual information (epistemic uncertainty).
+
+    Args:
+        run: Run directory written by `loraens train`.
+        ood_task: OOD task; default: the paper's partner of the run's task (cqa -> mmlu,
+            mmlu-ss -> mmlu-not-ss, mmlu-stem -> mmlu-not-stem).
+        ood_file: Your own OOD questions instead of a task.
+        limit: Score a random subset of at most this many questions from each set.
+        seed: Seed of that subset.
+        output: Optional JSON file for every figure.
+        batch_size: Questions per pass.
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+    """
+    import random
+
+    from loraens.config import DataConfig
+    from loraens.data.sources import load_run_data
+    from loraens.evaluation.evaluate import load_run, questions_for
+    from loraens.evaluation.report import format_table
+    from loraens.io import write_json_atomic
+    from loraens.methods.ood import OOD_PAIRS, evaluate_ood
+    from loraens.rundir import RunDir
+
+    data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
+    in_questions = load_run_data(data_cfg)[1]
+    if ood_task is None and ood_file is None:
+        if data_cfg.task not in OOD_PAIRS:
+            raise ValueError(
+                f"The run's task {data_cfg.task!r} has no OOD partner in the paper; "
+                f"give --ood_task or --ood_file."
+            )
+        ood_task = OOD_PAIRS[data_cfg.task]
+    ood_questions = questions_for(ood_task, ood_file, require_answer=False)
+    if limit is not None:
+        in_questions = random.Random(seed).sample(in_questions, min(limit, len(in_questions)))
+        ood_questions = random.Random(seed).sample(ood_questions, min(limit, len(ood_questions)))
+    result = evaluate_ood(
+        load_run(run, device, precision),
+        in_questions,
+        ood_questions,
+        batch_size=batch_size,
+        progress=True,
+    )
+    name = ood_task or ood_file
+    if "ood" in result:
+        print(
+            format_table(result["ood"], title=f"\nOOD set {name}: {len(ood_questions)} questions")
+        )
+    auroc = result["auroc"]
+    print(f"\nOOD detection AUROC ({len(in_questions)} in-distribution vs {name}):")
+    for score, value in auroc["ensemble"].items():
+        print(f"  ensemble, {score:<20}{value:.4f}")
+    print(f"  single (mean), neg_max_prob   {auroc['single (mean)']['neg_max_prob']:.4f}")
+    if output:
+        write_json_atomic(output, result)
+
+
+def ablate_size(
+    run: str,
+    sizes: list[int] = [1, 3, 5, 10, 15],  # noqa: B006 (read by jsonargparse, never mutated)
+    draws: int = 5,
+    seed: int = 0,
+) -> None:
+    """Ensemble-size ablation without retraining: metrics of random M-subsets of a run's pool.
+
+    Args:
+        run: Run directory (or its predictions.jsonl) with a pool of members, e.g. M = 20.
+        sizes: Ensemble sizes to draw; sizes above the pool are skipped.
+        draws: Random subsets per size, drawn without replacement from the pool.
+        seed: Seed of the draws.
+    """
+    from loraens.evaluation.report import METRICS
+    from loraens.methods.ablations import ablate_run_size
+
+    rows = ablate_run_size(run, sizes=tuple(sizes), draws=draws, seed=seed)
+    print(f"{'M':>4}" + "".join(f"{m:>20}" for m in METRICS))
+    for row in rows:
+        cells = "".join(f"{row['mean'][m]:>12.4f} ± {row['std'][m]:<5.3f}" for m in METRICS)
+        print(f"{row['size']:>4}{cells}")
+
+
 def tasks() -> None:
     """List the built-in tasks with their train and eval sizes."""
     from loraens.data.tasks import TASKS, split_sizes
@@ -133,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         argv.remove("--debug")
     logging.basicConfig(level=logging.INFO, format="loraens: %(message)s")
     try:
-        CLI([train, evaluate, predict, tasks], args=argv)
+        CLI([train, evaluate, predict, few_shot, ood, ablate_size, tasks], args=argv)
     except KeyboardInterrupt as interrupt:
         print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
         sys.exit(130)

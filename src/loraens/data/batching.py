@@ -57,6 +57,7 @@ def collate(
         input_ids[row, : lengths[row]] = torch.tensor(encoded.input_ids[i])
     return {
         "input_ids": input_ids,
+        "indices": torch.tensor(indices),
         "lengths": torch.tensor(lengths),
         "labels": torch.tensor([encoded.labels[i] for i in indices]),
         "n_choices": torch.tensor([encoded.n_choices[i] for i in indices]),

@@ -28,6 +28,7 @@ class LoadedEnsemble:
     base: BaseModel
     runtime: Runtime
     max_length: int
+    mc_dropout_passes: int = 1
 
 
 def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> LoadedEnsemble:
@@ -39,6 +40,12 @@ def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto")
     if not folders:
         raise AdapterError(f"{run.root} holds no saved members (members/member-XX folders).")
     cfg = run.read_config()
+    method = cfg["ensemble"].get("method", "lora")
+    if method == "last_layer":
+        raise ValueError(
+            f"{run.root} is a last-layer ensemble: its metrics and predictions are in the run "
+            f"directory; evaluate, predict and ood score LoRA runs."
+        )
     runtime = resolve_runtime(device, precision)
     base = load_base_model(
         cfg["model"]["name_or_path"],
@@ -46,10 +53,13 @@ def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto")
         trust_remote_code=cfg["model"]["trust_remote_code"],
     )
     rank, alpha, targets = adapter_shape(folders)
-    ensemble = LoRAEnsemble(base.model, len(folders), rank, alpha, 0.0, targets)
+    mc_dropout = method == "mc_dropout"
+    dropout = cfg["lora"]["dropout"] if mc_dropout else 0.0
+    ensemble = LoRAEnsemble(base.model, len(folders), rank, alpha, dropout, targets)
     load_members(ensemble, folders)
     ensemble.to(runtime.device).eval()
-    return LoadedEnsemble(ensemble, base, runtime, cfg["model"]["max_length"])
+    passes = cfg["ensemble"]["members"] if mc_dropout else 1
+    return LoadedEnsemble(ensemble, base, runtime, cfg["model"]["max_length"], passes)
 
 
 def score_questions(
@@ -68,6 +78,7 @@ def score_questions(
         label_ids.to(loaded.runtime.device),
         loaded.runtime,
         batch_size=batch_size,
+        mc_dropout_passes=loaded.mc_dropout_passes,
         progress=progress,
     )
 

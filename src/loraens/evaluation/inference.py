@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -28,17 +30,22 @@ def score_members(
     *,
     batch_size: int = 32,
     members_per_pass: int | None = None,
+    mc_dropout_passes: int = 1,
     progress: bool = False,
     desc: str = "eval",
 ) -> np.ndarray:
-    """Log p_T (Eq. 1) of every member on every question: (members, questions, max options).
+    """Log p_T (Eq. 1) of every member on every question: (members·passes, questions, options).
 
     Each batch of questions is replicated once per member in the pass, so one forward computes
-    all of their answer distributions; options a question does not have are -inf.
+    all of their answer distributions; options a question does not have are -inf. With
+    ``mc_dropout_passes`` > 1 adapter dropout stays on and each member's rows are replicated
+    that many times more: every copy draws its own dropout mask, giving MC dropout's stochastic
+    passes in the same single forward.
     """
     n = len(encoded)
     n_labels = max(encoded.n_choices)
-    out = np.full((ensemble.n_members, n, n_labels), -np.inf)
+    passes = mc_dropout_passes
+    out = np.full((ensemble.n_members * passes, n, n_labels), -np.inf)
     model = ensemble.model
     was_training = model.training
     model.eval()
@@ -46,11 +53,12 @@ def score_members(
     order = np.argsort([-len(ids) for ids in encoded.input_ids], kind="stable")
     batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     slices = member_slices(ensemble.n_members, members_per_pass)
+    dropout = ensemble.dropout_active() if passes > 1 else contextlib.nullcontext()
     try:
-        with torch.inference_mode(), runtime.autocast():
+        with torch.inference_mode(), runtime.autocast(), dropout:
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 for members in slices:
-                    n_active = members.stop - members.start
+                    n_active = (members.stop - members.start) * passes
                     inputs = collate(encoded, [batch] * n_active, pad_id=0)
                     with ensemble.members(members):
                         hidden = answer_hidden_states(
@@ -61,8 +69,11 @@ def score_members(
                         logits = label_logits(model, hidden, label_ids[:n_labels])
                     logits = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
                     n_choices = np.asarray([encoded.n_choices[i] for i in batch])
-                    for offset, member in enumerate(range(members.start, members.stop)):
-                        out[member, batch] = normalize_label_log_probs(logits[offset], n_choices)
+                    first_row = members.start * passes
+                    for offset in range(n_active):
+                        out[first_row + offset, batch] = normalize_label_log_probs(
+                            logits[offset], n_choices
+                        )
     finally:
         model.train(was_training)
     return out

@@ -31,6 +31,7 @@ class EnsembleLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(n_members, base.out_features, rank))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = slice(None)
+        self.enabled = True
 
     def reset_member(self, member: int, generator: torch.Generator) -> None:
         """PEFT's initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so ΔW starts at 0."""
@@ -42,6 +43,8 @@ class EnsembleLoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
+        if not self.enabled:
+            return out
         lora_A = self.lora_A[self.active]
         lora_B = self.lora_B[self.active]
         n_active = lora_A.shape[0]
@@ -106,6 +109,29 @@ class LoRAEnsemble(nn.Module):
         finally:
             for layer, prev in zip(self.lora_layers.values(), previous, strict=True):
                 layer.active = prev
+
+    @contextmanager
+    def adapters_disabled(self) -> Iterator[None]:
+        """Run the plain base model (ΔW = 0 for every row), e.g. for the KL reference."""
+        for layer in self.lora_layers.values():
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers.values():
+                layer.enabled = True
+
+    @contextmanager
+    def dropout_active(self) -> Iterator[None]:
+        """Keep adapter dropout sampling in eval mode: MC dropout's stochastic passes."""
+        previous = [layer.dropout.training for layer in self.lora_layers.values()]
+        for layer in self.lora_layers.values():
+            layer.dropout.train(True)
+        try:
+            yield
+        finally:
+            for layer, mode in zip(self.lora_layers.values(), previous, strict=True):
+                layer.dropout.train(mode)
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """Member ``member``'s weights under the key names PEFT uses in adapter files."""

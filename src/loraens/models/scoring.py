@@ -9,9 +9,12 @@ positions, so no attention mask is needed and the result equals unpadded scoring
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from loraens.data.batching import collate
 
 
 def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor):
@@ -37,3 +40,25 @@ def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor
     if head.bias is not None:
         logits = logits + head.bias[label_ids].to(logits.dtype)
     return logits.float()
+
+
+def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) -> torch.Tensor:
+    """Final hidden state at the answer position of every question, (N, hidden) float32.
+
+    For quantities of the frozen model that never change during training (the KL reference,
+    last-layer features), computed once in length-sorted batches.
+    """
+    order = np.argsort([len(ids) for ids in encoded.input_ids], kind="stable")
+    features = torch.empty(len(encoded), model.config.hidden_size)
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start : start + batch_size]
+            inputs = collate(encoded, [batch], pad_id=0)
+            with runtime.autocast():
+                hidden = answer_hidden_states(
+                    model,
+                    inputs["input_ids"].to(runtime.device),
+                    inputs["lengths"].to(runtime.device),
+                )
+            features[torch.as_tensor(batch)] = hidden.float().cpu()
+    return features

@@ -28,6 +28,7 @@ class CheckpointError(RuntimeError):
 
 @dataclass
 class TrainState:
+    n_train: int = 0
     epochs_done: int = 0
     rows: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0

@@ -13,7 +13,15 @@ from loraens.models.lora import LoRAEnsemble
 
 
 def build_optimizer(ensemble: LoRAEnsemble, cfg: OptimConfig) -> torch.optim.AdamW:
-    params = ensemble.lora_parameters("A") + ensemble.lora_parameters("B")
+    """AdamW with weight decay on the matrices ``cfg.decay_target`` names and none elsewhere."""
+    groups = [
+        {
+            "params": ensemble.lora_parameters(which),
+            "weight_decay": cfg.weight_decay if cfg.decay_target in ("all", which) else 0.0,
+            "name": f"lora_{which}",
+        }
+        for which in ("A", "B")
+    ]
     # foreach=False keeps the update order identical whatever the number of members, which the
     # stacked-vs-alone equivalence relies on; the tensors are tiny, so nothing is lost.
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, foreach=False)

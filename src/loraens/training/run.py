@@ -23,6 +23,7 @@ from loraens.data.sources import default_batch_size, load_run_data
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.report import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
+from loraens.methods.last_layer import save_last_layer_member, train_last_layer
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
@@ -117,8 +118,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
     train_set = encode_questions(base.tokenizer, train_qs, cfg.model.max_length)
     eval_set = encode_questions(base.tokenizer, eval_qs, cfg.model.max_length)
-    shortened = train_set.n_shortened + eval_set.n_shortened
-    if shortened:
+    if shortened := train_set.n_shortened + eval_set.n_shortened:
         log.warning(
             "%d prompts exceeded max_length=%d and had their question text shortened.",
             shortened,
@@ -126,16 +126,35 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         )
 
     n_members = cfg.ensemble.members
+    data_seeds = member_seeds(cfg.ensemble.seed, n_members, "data", cfg.ensemble.vary_data_order)
+    schedule = schedule_seed(cfg.ensemble.seed) if cfg.data.group_by_length else None
+    if cfg.ensemble.method == "last_layer":
+        return _train_last_layer(
+            cfg,
+            run,
+            base,
+            runtime,
+            train_set,
+            eval_set,
+            eval_qs,
+            label_ids,
+            data_seeds,
+            schedule,
+            started,
+        )
+    # MC dropout trains one adapter; its M "members" are stochastic passes at test time.
+    mc_passes = n_members if cfg.ensemble.method == "mc_dropout" else 1
+    n_trained = n_members // mc_passes
     ensemble = LoRAEnsemble(
         base.model,
-        n_members,
+        n_trained,
         cfg.lora.rank,
         cfg.lora.alpha,
         cfg.lora.dropout,
         cfg.lora.target_modules,
     ).to(runtime.device)
     ensemble.init_members(
-        member_seeds(cfg.ensemble.seed, n_members, "init", cfg.ensemble.vary_init)
+        member_seeds(cfg.ensemble.seed, n_trained, "init", cfg.ensemble.vary_init)
     )
     trainer = EnsembleTrainer(
         ensemble,
@@ -156,7 +175,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         state = load_checkpoint(run.checkpoint, ensemble, trainer.optimizer)
         log.info("Resuming %s after epoch %d of %d.", run.root, state.epochs_done, cfg.optim.epochs)
     else:
-        state = TrainState()
+        state = TrainState(n_train=len(train_qs))
         write_json_atomic(run.provenance, provenance(base.path, train_qs, eval_qs))
     trainer.tokens_seen = state.tokens_seen
 
@@ -168,6 +187,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             runtime,
             batch_size=cfg.runtime.eval_batch_size,
             members_per_pass=cfg.runtime.members_per_pass,
+            mc_dropout_passes=mc_passes,
             progress=cfg.runtime.progress,
         )
 
@@ -205,16 +225,20 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 
     if member_log_probs is None:  # resumed after the last epoch's checkpoint
         member_log_probs = evaluate()
-    for m in range(n_members):
+    for m in range(n_trained):
         save_member(ensemble, m, run.member(m), base_model=cfg.model.name_or_path)
+    return _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started)
+
+
+def _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started) -> TrainResult:
     write_predictions(run.predictions, eval_qs, member_log_probs)
     final_rows = [r for r in state.rows if r["split"] == "eval" and r["epoch"] == cfg.optim.epochs]
     table = single_vs_ensemble(final_rows)
     summary = {
+        "method": cfg.ensemble.method,
         "table": table,
-        "train_questions": len(train_qs),
+        "train_questions": state.n_train,
         "eval_questions": len(eval_qs),
-        "shortened_prompts": shortened,
         "train_seconds": state.train_seconds,
         "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
         "wall_seconds": time.perf_counter() - started,
@@ -224,6 +248,57 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     # Written last: its presence is what marks the run complete.
     write_json_atomic(run.summary, summary)
     return TrainResult(run_dir=run, table=table, summary=summary)
+
+
+def _train_last_layer(
+    cfg,
+    run,
+    base,
+    runtime,
+    train_set,
+    eval_set,
+    eval_qs,
+    label_ids,
+    data_seeds,
+    schedule,
+    started,
+) -> TrainResult:
+    """Last-layer ensembles train in seconds on cached features: no checkpoints needed, an
+    interrupted run simply starts over (deterministically)."""
+    state = TrainState(n_train=len(train_set))
+    write_json_atomic(run.provenance, provenance(base.path, [], eval_qs))
+    labels = np.asarray(eval_set.labels)
+    final = {}
+
+    def on_epoch(epoch: int, losses: np.ndarray, member_log_probs: np.ndarray) -> None:
+        state.rows += [
+            {"epoch": epoch + 1, "split": "train", "member": m, "loss": float(loss)}
+            for m, loss in enumerate(losses)
+        ]
+        state.rows += metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
+        write_jsonl_atomic(run.metrics, state.rows)
+        final["log_probs"] = member_log_probs
+
+    tick = time.perf_counter()
+    ensemble = train_last_layer(
+        base.model,
+        train_set,
+        eval_set,
+        label_ids,
+        runtime,
+        n_members=cfg.ensemble.members,
+        data_seeds=data_seeds,
+        schedule_seed=schedule,
+        batch_size=cfg.optim.batch_size,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        epochs=cfg.optim.epochs,
+        on_epoch=on_epoch,
+    )
+    state.train_seconds = time.perf_counter() - tick
+    for m in range(ensemble.n_members):
+        save_last_layer_member(ensemble, m, run.member(m))
+    return _finish(run, cfg, state, eval_qs, final["log_probs"], runtime, started)
 
 
 def print_result(result: TrainResult) -> None:

@@ -14,6 +14,7 @@ from loraens.evaluation.inference import member_slices
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import answer_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
+from loraens.training.kl import base_log_probs, kl_to_base
 
 
 class NonFiniteError(RuntimeError):
@@ -24,8 +25,9 @@ class EnsembleTrainer:
     """Trains every member on its own data order, members stacked along the batch dimension.
 
     Each optimiser step processes one mini-batch per member. The loss of a pass is the sum over
-    its members of each member's mean NLL, so each member's gradient is exactly the gradient of
-    its own mini-batch loss (Eq. 3) and members never influence each other.
+    its members of each member's mean loss (NLL, Eq. 3, plus β·KL to the base model when
+    ``kl_beta`` > 0), so each member's gradient is exactly the gradient of its own mini-batch
+    loss and members never influence each other.
     """
 
     def __init__(
@@ -40,6 +42,7 @@ class EnsembleTrainer:
         batch_size: int,
         schedule_seed: int | None = None,
         members_per_pass: int | None = None,
+        kl_beta: float = 0.0,
         pad_id: int = 0,
     ):
         self.ensemble = ensemble
@@ -54,6 +57,8 @@ class EnsembleTrainer:
         self.slices = member_slices(ensemble.n_members, members_per_pass)
         self.pad_id = pad_id
         self.tokens_seen = 0  # non-padding tokens, for throughput reports
+        self.kl_beta = kl_beta
+        self.base_log_probs = base_log_probs(ensemble, train_set, runtime) if kl_beta > 0 else None
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_set) // self.batch_size)
@@ -105,7 +110,10 @@ class EnsembleTrainer:
             )
             log_probs = vocab_log_probs(self.ensemble.model, hidden)
         targets = self.label_ids[inputs["labels"].to(device)]
-        nll = -log_probs.gather(1, targets[:, None]).squeeze(1)
-        per_member = nll.view(len(batches), -1).mean(dim=1)
+        loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
+        if self.base_log_probs is not None:
+            base = self.base_log_probs[inputs["indices"]].to(device)
+            loss = loss + self.kl_beta * kl_to_base(log_probs, base)
+        per_member = loss.view(len(batches), -1).mean(dim=1)
         per_member.sum().backward()
         return per_member.detach().cpu().numpy()

@@ -1,0 +1,117 @@
+"""The paper's other methods and evaluations, end to end through the command line."""
+
+import json
+
+import pytest
+from conftest import make_questions
+
+from loraens.cli.main import main
+from loraens.data.files import write_questions_jsonl
+from loraens.rundir import read_jsonl
+
+
+def _train(model_dir, files, out, *extra):
+    train, evaluation = files
+    main(
+        [
+            "train",
+            "--out",
+            str(out),
+            "--model.name_or_path",
+            str(model_dir),
+            "--data.task",
+            "null",
+            "--data.train_file",
+            str(train),
+            "--data.eval_file",
+            str(evaluation),
+            "--ensemble.members",
+            "3",
+            "--optim.epochs",
+            "2",
+            "--optim.lr",
+            "1e-2",
+            "--optim.batch_size",
+            "8",
+            "--runtime.progress",
+            "false",
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "method, extra, saved",
+    [
+        ("mc_dropout", ["--lora.dropout", "0.2"], ["adapter_model.safetensors"]),
+        ("last_layer", [], ["last_layer.safetensors"]),
+        (
+            "lora",
+            ["--optim.kl_beta", "0.1", "--optim.weight_decay", "100", "--optim.decay_target", "B"],
+            ["adapter_model.safetensors"],
+        ),
+    ],
+)
+def test_methods_write_the_same_run_directory(
+    method, extra, saved, tiny_model_dir, questions_files, tmp_path
+):
+    out = tmp_path / method
+    _train(tiny_model_dir, questions_files, out, "--ensemble.method", method, *extra)
+    members = sorted((out / "members").iterdir())
+    assert len(members) == (1 if method == "mc_dropout" else 3)
+    assert all((m / saved[0]).exists() for m in members)
+    rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
+    assert {r["member"] for r in rows if r["epoch"] == 2} == {0, 1, 2, "ensemble"}
+    prediction = read_jsonl(out / "predictions.jsonl")[0]
+    assert len(prediction["member_probs"]) == 3  # M passes / members averaged
+    assert json.loads((out / "summary.json").read_text())["method"] == method
+    if method == "mc_dropout":  # evaluate replays the M stochastic passes
+        main(
+            [
+                "evaluate",
+                str(out),
+                "--file",
+                str(questions_files[1]),
+                "--output",
+                str(tmp_path / "eval.jsonl"),
+            ]
+        )
+        assert len(read_jsonl(tmp_path / "eval.jsonl")) == 4
+
+
+def test_ood_and_size_ablation_commands(tiny_model_dir, questions_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(tiny_model_dir, questions_files, out)
+    ood_file = tmp_path / "ood.jsonl"
+    write_questions_jsonl(make_questions(10, seed=9, n_choices=4), ood_file)
+    report = tmp_path / "ood.json"
+    main(["ood", str(out), "--ood_file", str(ood_file), "--output", str(report)])
+    result = json.loads(report.read_text())
+    assert set(result["auroc"]["ensemble"]) == {"neg_max_prob", "entropy", "mutual_information"}
+    assert "AUROC" in capsys.readouterr().out
+
+    main(["ablate_size", str(out), "--sizes", "[1, 2, 3]", "--draws", "3"])
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in printed[1:]] == ["1", "2", "3"]
+
+
+def test_few_shot_command(tiny_model_dir, tmp_path, capsys):
+    report = tmp_path / "few.json"
+    main(
+        [
+            "few_shot",
+            "--task",
+            "arce",
+            "--model",
+            str(tiny_model_dir),
+            "--eval_limit",
+            "4",
+            "--draws",
+            "2",
+            "--output",
+            str(report),
+        ]
+    )
+    result = json.loads(report.read_text())
+    assert result["k"] == 3 and len(result["per_draw"]) == 2
+    assert "3-shot arce" in capsys.readouterr().out
