@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test bench lint
 
 setup:
 	@bash scripts/setup.sh
@@ -13,6 +13,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python bench/throughput.py
 
 lint: setup
 	$(BIN)/ruff check src tests

@@ -1,0 +1,975 @@
+"""Throughput of LoRA-ensemble training and inference: loraens against a plain PEFT loop.
+
+One invocation runs, on the same base model, questions and hyper-parameters:
+
+* **reference**: what a user writes by hand with PEFT. One ``PeftModel`` (one copy of the base
+  weights); each member gets a fresh adapter (``add_adapter`` + ``set_adapter``, LoRA r=8,
+  alpha=32 on q_proj/v_proj, dropout 0) and is trained alone, one member after the other, with its
+  own AdamW (lr 5e-5, weight decay 0.01) and its own shuffled data order. Batches are padded on
+  the right to a fixed length (``--reference-pad``: by default the longest prompt of the slice,
+  the kindest fixed length; or a number such as 128), the model returns full-vocabulary logits at
+  every position, the loss is the cross-entropy at the answer position, everything in fp32.
+  Inference: for each member switch adapters and run fixed-padded batches, full logits, then the
+  label tokens' logits at the answer position.
+* **ours**: :class:`loraens.training.trainer.EnsembleTrainer` as shipped (all M members stacked
+  in one batch, length-grouped batches via ``schedule_seed``, autocast dtype from
+  ``resolve_runtime(device, precision)``, LM head at the answer position only), and
+  :func:`loraens.evaluation.inference.score_members` for inference.
+
+Both loops do ceil(N / batch) optimiser steps per member over the same N questions (one epoch),
+with the same per-member data seeds and initialisation seeds. Each is warmed up with one
+throw-away step first (outside the timing).
+
+Useful tokens are prompt tokens (no padding); processed tokens include padding.
+
+FLOP accounting (matmul FLOPs only, which is what the peak measures). Per row of ``n`` tokens
+processed at sequence length ``T`` (``n = T`` for a padded row; the "useful" count uses the
+row's own length for both), with ``P`` = weights of every nn.Linear in the decoder layers
+(SmolLM2-135M: 106.2M), ``P_lora`` = r·(in+out) summed over one member's wrapped projections
+(0.46M), ``L`` layers, ``d_attn`` = heads·head_dim, ``d`` = hidden size, ``V`` = vocabulary,
+``K`` = answer letters:
+
+    forward  decoder   F(n, T) = n · (2·P + 2·P_lora + L·4·T·d_attn)
+                        (2 FLOPs per weight per token; QKᵀ and AV are 2·T·d_attn each)
+    training decoder   n · (2·2·P + 3·2·P_lora + 3·L·4·T·d_attn)
+                        frozen base: the backward pass needs input gradients only, as many FLOPs
+                        as the forward (no weight gradients), so base linears cost 2× forward;
+                        LoRA needs input and weight gradients (3× forward); attention backward
+                        computes dQ, dK, dA, dV (3× forward). Layer 0 needs no input gradient
+                        for its q/k/v base projections; we ignore that (< 1/L overcount).
+    training head      ours: 2·d·V per row forward + 2·d·V backward (input gradient only, the
+                        tied embedding is frozen), at the answer position only;
+                        reference: the same at every one of the T positions.
+    inference head     ours: 2·d·K per row (label rows only); reference: 2·d·V at all T positions.
+
+"Achieved" FLOP/s counts the computation actually done (padding included, reference's full
+head included); "useful" FLOP/s counts only what the method needs (unpadded rows, head at the
+answer position), identical for both loops, so useful FLOP/s ratios equal token/s ratios. Both
+are reported as a fraction of the matmul peak measured in the same run (square matmuls,
+best of a few trials) for the dtype the loop computes in (ours: the autocast dtype; reference:
+fp32). Elementwise work (norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
+is where the gap to the peak goes.
+
+Peak memory of our training for a small and a large M (``--rss-members``, a couple of steps)
+is measured in subprocesses of this script, each with its own peak (``VmHWM``, i.e. peak RSS,
+on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), with one member per pass so that
+activations are the same size and the difference is the members' own state (weights, gradients,
+AdamW moments: about 4 × 1.8 MB per member for SmolLM2), never a second copy of the base.
+
+With ``--profile`` auto/on, torch.profiler records our timed training epoch (a few µs per op
+against ops of milliseconds: well under 1% overhead) and the report lists the top ops per step.
+
+Run ``python bench/throughput.py --help`` for the options; results go to stdout (a table) and
+to a JSON file under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import random
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from loraens.config import OptimConfig
+from loraens.data.batching import epoch_order
+from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
+from loraens.data.tasks import TASKS, load_task
+from loraens.evaluation.inference import member_slices, score_members
+from loraens.models.loading import DEFAULT_MODEL, load_base_model
+from loraens.models.lora import LoRAEnsemble
+from loraens.runtime import Runtime, resolve_runtime
+from loraens.training.optim import build_optimizer
+from loraens.training.seeds import member_seeds, schedule_seed
+from loraens.training.trainer import EnsembleTrainer
+
+REPO = Path(__file__).resolve().parent.parent
+RANK, ALPHA, TARGETS, LR, WEIGHT_DECAY = 8, 32.0, ("q_proj", "v_proj"), 5e-5, 0.01
+MAX_LENGTH = 512
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model folder or 'smollm2-135m'")
+    p.add_argument("--task", default="arce", choices=sorted(TASKS))
+    p.add_argument("--members", type=int, default=5, help="ensemble size M")
+    p.add_argument("--train-questions", type=int, default=48, help="one epoch over this many")
+    p.add_argument("--eval-questions", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="default: the paper's per task")
+    p.add_argument("--eval-batch-size", type=int, default=32, help="questions per eval pass")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument(
+        "--reference-pad",
+        default="longest",
+        help="reference padding: 'longest' (longest prompt of the slice) or a token count",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-reference", action="store_true")
+    p.add_argument("--skip-memory", action="store_true", help="skip the peak-memory subprocesses")
+    p.add_argument("--rss-members", default="1,20", help="ensemble sizes for peak memory")
+    p.add_argument("--rss-batch-size", type=int, default=2, help="questions per member per step")
+    p.add_argument("--rss-steps", type=int, default=2)
+    p.add_argument(
+        "--profile",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="profile our timed training epoch; auto: report it when below 70%% of the matmul peak",
+    )
+    p.add_argument("--json", type=Path, default=None, help="default bench/results/<timestamp>")
+    p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--members-per-pass", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.reference_pad != "longest" and not args.reference_pad.isdigit():
+        p.error("--reference-pad must be 'longest' or a positive integer")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing, environment, peak
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+_STARTED = time.perf_counter()
+
+
+def note(message: str) -> None:
+    """Progress on stderr, so stdout holds only the report."""
+    print(f"[{time.perf_counter() - _STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def timer(device: torch.device, out: dict, key: str, label: str):
+    sync(device)
+    start = time.perf_counter()
+    yield
+    sync(device)
+    out[key] = time.perf_counter() - start
+    out[f"{key}_load_avg_1min"] = os.getloadavg()[0]  # others' work during the phase
+    note(f"{label}: {out[key]:.1f} s (load average {out[f'{key}_load_avg_1min']:.2f})")
+
+
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text(errors="ignore").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def environment(device: torch.device) -> dict:
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": cpu_model(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_commit": git_commit(),
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int) -> float:
+    """Best FLOP/s of repeated (m×k)@(k×n) matmuls in ``dtype`` over a few trials."""
+    a = torch.randn(m, k, device=device).to(dtype)
+    b = torch.randn(k, n, device=device).to(dtype)
+    flops = 2 * m * k * n
+    repeats = max(1, min(20, int(2e10 // flops)))  # ~0.1-0.3 s per trial on this CPU
+    torch.matmul(a, b)  # warm-up
+    best = 0.0
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats * (50 if device.type == "cuda" else 1)):
+            torch.matmul(a, b)
+        sync(device)
+        elapsed = time.perf_counter() - start
+        best = max(best, flops * repeats * (50 if device.type == "cuda" else 1) / elapsed)
+    return best
+
+
+def measure_peaks(device: torch.device, shape: ModelShape, rows: int) -> dict:
+    size = 2048 if device.type == "cpu" else 8192
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    if device.type == "cuda":
+        dtypes["fp16"] = torch.float16
+    square = {name: matmul_peak(device, dt, size, size, size) for name, dt in dtypes.items()}
+    # The model's own largest matmul (MLP up-projection over one stacked batch), for context.
+    tokens = min(max(rows, 256), 8192)
+    mlp = {
+        name: matmul_peak(device, dt, tokens, shape.hidden, shape.intermediate)
+        for name, dt in dtypes.items()
+    }
+    return {
+        "square_size": size,
+        "square_flops": square,
+        "mlp_shape": [tokens, shape.hidden, shape.intermediate],
+        "mlp_shape_flops": mlp,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOP accounting
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    layers: int
+    hidden: int
+    intermediate: int
+    attn_dim: int
+    vocab: int
+    linear_params: int  # every nn.Linear weight in the decoder layers
+    lora_params: int  # one member: rank * (in + out) over the wrapped projections
+
+    @classmethod
+    def of(cls, model: nn.Module, rank: int, targets: tuple[str, ...]) -> ModelShape:
+        """Read the shapes from an unwrapped model (before PEFT or loraens replace layers)."""
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        linear = lora = 0
+        for name, module in model.get_decoder().layers.named_modules():
+            if isinstance(module, nn.Linear):
+                linear += module.in_features * module.out_features
+                if name.rsplit(".", 1)[-1] in targets:
+                    lora += rank * (module.in_features + module.out_features)
+        return cls(
+            layers=cfg.num_hidden_layers,
+            hidden=cfg.hidden_size,
+            intermediate=getattr(cfg, "intermediate_size", 4 * cfg.hidden_size),
+            attn_dim=heads * head_dim,
+            vocab=model.get_output_embeddings().weight.shape[0],
+            linear_params=linear,
+            lora_params=lora,
+        )
+
+    def decoder(self, n: int, seq: int, training: bool) -> float:
+        """Matmul FLOPs of ``n`` tokens through the decoder at sequence length ``seq``."""
+        lin, lora, attn = 2 * self.linear_params, 2 * self.lora_params, 4 * seq * self.attn_dim
+        if training:
+            lin, lora, attn = 2 * lin, 3 * lora, 3 * attn
+        return n * (lin + lora + self.layers * attn)
+
+    def head(self, positions: int, columns: int, training: bool) -> float:
+        return positions * 2 * self.hidden * columns * (2 if training else 1)
+
+
+def pass_flops(
+    shape: ModelShape, lengths: list[int], padded: int | None, training: bool, head: str, k: int
+) -> float:
+    """FLOPs of one forward(+backward) over rows of ``lengths`` padded to ``padded``.
+
+    ``padded`` None: each row at its own length (the useful count). ``head``: 'answer' (full
+    vocabulary at the answer position, training), 'labels' (K label rows at the answer position),
+    'all' (full vocabulary at every position: the reference).
+    """
+    total = 0.0
+    for length in lengths:
+        seq = padded or length
+        total += shape.decoder(seq, seq, training)
+        if head == "all":
+            total += shape.head(seq, shape.vocab, training)
+        elif head == "answer":
+            total += shape.head(1, shape.vocab, training)
+        else:
+            total += shape.head(1, k, training)
+    return total
+
+
+def useful_flops(shape: ModelShape, lengths: list[int], members: int, training: bool, k: int):
+    head = "answer" if training else "labels"
+    return members * pass_flops(shape, lengths, None, training, head, k)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def subset(encoded: EncodedQuestions, indices) -> EncodedQuestions:
+    indices = [int(i) for i in indices]
+    return EncodedQuestions(
+        input_ids=[encoded.input_ids[i] for i in indices],
+        n_choices=[encoded.n_choices[i] for i in indices],
+        labels=[encoded.labels[i] for i in indices],
+        n_shortened=0,
+    )
+
+
+def load_data(args, tokenizer, n_train: int, n_eval: int):
+    train_qs, eval_qs = load_task(args.task)
+    train_qs = random.Random(args.seed).sample(train_qs, min(n_train, len(train_qs)))
+    eval_qs = random.Random(args.seed + 1).sample(eval_qs, min(n_eval, len(eval_qs)))
+    max_choices = max(len(q.choices) for q in train_qs + eval_qs)
+    label_ids = torch.tensor(label_token_ids(tokenizer, max_choices))
+    return (
+        encode_questions(tokenizer, train_qs, MAX_LENGTH),
+        encode_questions(tokenizer, eval_qs, MAX_LENGTH),
+        label_ids,
+    )
+
+
+def full_split_padding(args, tokenizer) -> dict:
+    """Processed / useful tokens over the task's whole splits, for both loops (no model run).
+
+    Length grouping works on groups of 8 batches, so a benchmark slice of a few batches gains
+    nothing from it; this shows the padding a real epoch (and a full evaluation) carries.
+    """
+    train_qs, eval_qs = load_task(args.task)
+    train = [len(ids) for ids in encode_questions(tokenizer, train_qs, MAX_LENGTH).input_ids]
+    evals = [len(ids) for ids in encode_questions(tokenizer, eval_qs, MAX_LENGTH).input_ids]
+    bs, m = args.batch_size, args.members
+    orders = [
+        epoch_order(train, bs, seed, 0, schedule_seed(args.seed))
+        for seed in member_seeds(args.seed, m, "data")
+    ]
+    processed = 0
+    for step in range(len(orders[0])):
+        rows = [train[i] for order in orders for i in order[step]]
+        processed += len(rows) * max(rows)
+    by_length = sorted(evals, reverse=True)
+    eval_processed = sum(
+        len(by_length[i : i + args.eval_batch_size]) * by_length[i]
+        for i in range(0, len(evals), args.eval_batch_size)
+    )
+    return {
+        "train_questions": len(train),
+        "eval_questions": len(evals),
+        "train": {"ours": processed / (m * sum(train)), "reference": max(train) / np.mean(train)},
+        "infer": {"ours": eval_processed / sum(evals), "reference": max(evals) / np.mean(evals)},
+    }
+
+
+def pad_rows(encoded: EncodedQuestions, indices, length: int, pad_id: int):
+    """Right-padded ids, attention mask and prompt lengths at a fixed ``length``."""
+    ids = torch.full((len(indices), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    lengths = []
+    for row, i in enumerate(indices):
+        tokens = encoded.input_ids[int(i)][:length]
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        mask[row, : len(tokens)] = 1
+        lengths.append(len(tokens))
+    return ids, mask, torch.tensor(lengths)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference: plain PEFT, one member after the other
+
+
+def reference_pad_length(args, encoded: EncodedQuestions) -> int:
+    longest = max(len(ids) for ids in encoded.input_ids)
+    if args.reference_pad == "longest":
+        return longest
+    return max(int(args.reference_pad), longest)  # never truncate the answer position away
+
+
+def run_reference(args, base, shape, train_set, eval_set, label_ids, device) -> dict:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=RANK,
+        lora_alpha=ALPHA,
+        target_modules=list(TARGETS),
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    tokenizer, m_count, bs = base.tokenizer, args.members, args.batch_size
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    init_seeds = member_seeds(args.seed, m_count, "init")
+    data_seeds = member_seeds(args.seed, m_count, "data")
+    labels_train = label_ids.to(device)[torch.tensor(train_set.labels)]
+    train_len = reference_pad_length(args, train_set)
+    lengths = [len(ids) for ids in train_set.input_ids]
+
+    torch.manual_seed(init_seeds[0])
+    model = get_peft_model(base.model, config, adapter_name="warmup")
+
+    def train_member(name: str, batches) -> list[float]:
+        model.set_adapter(name)
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY)
+        losses = []
+        for batch in batches:
+            ids, mask, lens = pad_rows(train_set, batch, train_len, pad_id)
+            ids, mask, lens = ids.to(device), mask.to(device), lens.to(device)
+            logits = model(input_ids=ids, attention_mask=mask).logits  # (B, T, V), fp32
+            answer = logits[torch.arange(len(batch), device=device), lens - 1]
+            loss = F.cross_entropy(answer, labels_train[torch.as_tensor(batch, device=device)])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        return losses
+
+    # Warm-up: one step of a throw-away adapter.
+    train_member("warmup", [np.arange(min(bs, len(train_set)))])
+    out: dict = {"pad_length_train": train_len}
+    losses = []
+    with timer(device, out, "train_seconds", "reference training"):
+        for m in range(m_count):
+            torch.manual_seed(init_seeds[m])  # PEFT draws lora_A from the global generator
+            model.add_adapter(f"m{m}", config)
+            order = epoch_order(lengths, bs, data_seeds[m], 0, None)  # a plain shuffle
+            losses += train_member(f"m{m}", order)
+    model.delete_adapter("warmup")
+    steps = -(-len(train_set) // bs)
+    out["train_steps_per_member"] = steps
+    out["train_mean_loss"] = float(np.mean(losses))
+    out["train_useful_tokens"] = m_count * sum(lengths)
+    out["train_processed_tokens"] = m_count * len(train_set) * train_len
+    out["train_flops"] = m_count * pass_flops(shape, lengths, train_len, True, "all", 0)
+
+    # Inference: switch adapters, full logits at every position, label logits at the answer.
+    eval_len = reference_pad_length(args, eval_set)
+    k = len(label_ids)
+    eval_lengths = [len(ids) for ids in eval_set.input_ids]
+    chunks = [np.arange(i, min(i + args.eval_batch_size, len(eval_set))) for i in
+              range(0, len(eval_set), args.eval_batch_size)]  # fmt: skip
+    model.eval()
+    label_dev = label_ids.to(device)
+
+    def score(name: str, batches) -> np.ndarray:
+        model.set_adapter(name)
+        scores = []
+        with torch.no_grad():
+            for batch in batches:
+                ids, mask, lens = pad_rows(eval_set, batch, eval_len, pad_id)
+                ids, mask, lens = ids.to(device), mask.to(device), lens.to(device)
+                logits = model(input_ids=ids, attention_mask=mask).logits
+                answer = logits[torch.arange(len(batch), device=device), lens - 1]
+                scores.append(answer[:, label_dev].float().cpu().numpy())
+        return np.concatenate(scores)
+
+    score("m0", chunks[:1])  # warm-up
+    with timer(device, out, "infer_seconds", "reference inference"):
+        for m in range(m_count):
+            score(f"m{m}", chunks)
+    out["pad_length_eval"] = eval_len
+    out["infer_useful_tokens"] = m_count * sum(eval_lengths)
+    out["infer_processed_tokens"] = m_count * len(eval_set) * eval_len
+    out["infer_flops"] = m_count * pass_flops(shape, eval_lengths, eval_len, False, "all", k)
+    out["dtype"] = "fp32"
+    out["_base_model"] = model.unload()  # the same base weights, LoRA layers removed
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Ours: loraens as shipped
+
+
+def build_ours(model, args, runtime: Runtime, members: int) -> LoRAEnsemble:
+    ensemble = LoRAEnsemble(model, members, RANK, ALPHA, 0.0, TARGETS).to(runtime.device)
+    ensemble.init_members(member_seeds(args.seed, members, "init"))
+    return ensemble
+
+
+def make_trainer(ensemble, args, runtime, train_set, label_ids, members, members_per_pass=None):
+    return EnsembleTrainer(
+        ensemble,
+        build_optimizer(ensemble, OptimConfig(lr=LR, weight_decay=WEIGHT_DECAY)),
+        train_set,
+        label_ids,
+        runtime,
+        data_seeds=member_seeds(args.seed, members, "data"),
+        batch_size=args.batch_size,
+        schedule_seed=schedule_seed(args.seed),
+        members_per_pass=members_per_pass,
+    )
+
+
+def ours_train_passes(trainer: EnsembleTrainer) -> list[tuple[list[int], int]]:
+    """(row lengths, padded length) of every pass of epoch 0, exactly as the trainer builds them."""
+    orders = [
+        epoch_order(trainer.lengths, trainer.batch_size, seed, 0, trainer.schedule_seed)
+        for seed in trainer.data_seeds
+    ]
+    passes = []
+    for step in range(trainer.steps_per_epoch()):
+        for members in trainer.slices:
+            rows = [trainer.lengths[i] for m in range(members.start, members.stop)
+                    for i in orders[m][step]]  # fmt: skip
+            passes.append((rows, max(rows)))
+    return passes
+
+
+def ours_eval_passes(encoded: EncodedQuestions, batch_size: int, members: int):
+    """(row lengths, padded length) of every pass of ``score_members`` (longest first)."""
+    lengths = [len(ids) for ids in encoded.input_ids]
+    order = np.argsort([-n for n in lengths], kind="stable")
+    passes = []
+    for i in range(0, len(order), batch_size):
+        rows = [lengths[j] for j in order[i : i + batch_size]]
+        for group in member_slices(members, None):
+            passes.append((rows * (group.stop - group.start), max(rows)))
+    return passes
+
+
+def run_ours(args, base, shape, train_set, eval_set, label_ids, runtime) -> dict:
+    device, m_count, bs = runtime.device, args.members, args.batch_size
+    label_ids = label_ids.to(device)
+    ensemble = build_ours(base.model, args, runtime, m_count)
+    # Warm-up: one step on a one-batch slice, then reset the members and use a fresh optimiser.
+    warm = make_trainer(ensemble, args, runtime, subset(train_set, range(bs)), label_ids, m_count)
+    warm.train_epoch(0)
+    ensemble.init_members(member_seeds(args.seed, m_count, "init"))
+    trainer = make_trainer(ensemble, args, runtime, train_set, label_ids, m_count)
+    out: dict = {}
+    # The profiler (if on) records the timed epoch itself: a few µs per op against ops of
+    # milliseconds, so it costs well under 1% and saves a separate, equally long profiled step.
+    profiler = make_profiler(runtime) if args.profile != "off" else contextlib.nullcontext()
+    with timer(device, out, "train_seconds", "ours training"), profiler as prof:
+        losses = trainer.train_epoch(0)
+    if prof is not None:
+        out["_profile"] = summarize_profile(
+            prof, trainer.steps_per_epoch(), runtime.device.type == "cuda"
+        )
+    passes = ours_train_passes(trainer)
+    out["train_steps_per_member"] = trainer.steps_per_epoch()
+    out["train_mean_loss"] = float(np.mean(losses))
+    out["train_useful_tokens"] = trainer.tokens_seen
+    assert trainer.tokens_seen == sum(sum(rows) for rows, _ in passes)
+    out["train_processed_tokens"] = sum(len(rows) * t for rows, t in passes)
+    out["train_flops"] = sum(pass_flops(shape, rows, t, True, "answer", 0) for rows, t in passes)
+    out["train_rows_per_pass"] = max(len(rows) for rows, _ in passes)
+
+    k = len(label_ids)
+    score_members(ensemble, subset(eval_set, range(args.eval_batch_size)), label_ids, runtime,
+                  batch_size=args.eval_batch_size)  # fmt: skip
+    with timer(device, out, "infer_seconds", "ours inference"):
+        score_members(ensemble, eval_set, label_ids, runtime, batch_size=args.eval_batch_size)
+    passes = ours_eval_passes(eval_set, args.eval_batch_size, m_count)
+    out["infer_useful_tokens"] = m_count * sum(len(ids) for ids in eval_set.input_ids)
+    out["infer_processed_tokens"] = sum(len(rows) * t for rows, t in passes)
+    out["infer_flops"] = sum(pass_flops(shape, rows, t, False, "labels", k) for rows, t in passes)
+    out["dtype"] = dtype_name(runtime.autocast_dtype)
+    out["_ensemble"] = ensemble
+    return out
+
+
+def dtype_name(dtype: torch.dtype | None) -> str:
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def make_profiler(runtime: Runtime):
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if runtime.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    return profile(activities=activities)
+
+
+# Ops whose time is matmul work the FLOP count covers; everything else is overhead around it.
+MATMUL_OPS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::matmul", "aten::linear",
+              "aten::_scaled_dot_product", "aten::baddbmm")  # fmt: skip
+CAST_OPS = ("aten::copy_", "aten::to", "aten::_to_copy")
+
+
+def summarize_profile(prof, steps: int, cuda: bool, rows: int = 15) -> dict:
+    """Top ops by self time per training step, and the matmul / cast / other split."""
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key) > 0]
+    total = sum(getattr(e, key) for e in events) or 1.0
+    split = {"matmul": 0.0, "dtype casts (copy_)": 0.0, "other": 0.0}
+    for e in events:
+        if e.key.startswith(MATMUL_OPS):
+            split["matmul"] += getattr(e, key)
+        elif e.key in CAST_OPS:
+            split["dtype casts (copy_)"] += getattr(e, key)
+        else:
+            split["other"] += getattr(e, key)
+    top = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+    return {
+        "sorted_by": key,
+        "steps": steps,
+        "ms_per_step": total / 1e3 / steps,
+        "split": {name: value / total for name, value in split.items()},
+        "ops": [
+            {
+                "op": e.key,
+                "ms_per_step": getattr(e, key) / 1e3 / steps,
+                "share": getattr(e, key) / total,
+                "calls_per_step": e.count / steps,
+            }
+            for e in top
+        ],  # fmt: skip
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory, one subprocess per ensemble size
+
+
+def _proc_status_mb(field: str) -> float | None:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory.
+
+    VmHWM first: ``ru_maxrss`` survives ``execve`` (Linux folds the old address space's peak
+    into it), so in a subprocess started from a big parent it reports the parent's size.
+    """
+    hwm = _proc_status_mb("VmHWM")
+    return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mb() -> float:
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else float("nan")
+
+
+def rss_child(args) -> None:
+    runtime = resolve_runtime(args.device, args.precision)
+    base = load_base_model(args.model, device=runtime.device)
+    bs = args.rss_batch_size
+    train_set, _, label_ids = load_data(args, base.tokenizer, bs * args.rss_steps, 1)
+    args.batch_size = bs
+    after_load = current_rss_mb()
+    ensemble = build_ours(base.model, args, runtime, args.members)
+    trainer = make_trainer(ensemble, args, runtime, train_set, label_ids.to(runtime.device),
+                           args.members, args.members_per_pass)  # fmt: skip
+    start = time.perf_counter()
+    trainer.train_epoch(0)
+    sync(runtime.device)
+    result = {
+        "members": args.members,
+        "members_per_pass": args.members_per_pass,
+        "steps": trainer.steps_per_epoch(),
+        "questions_per_member_per_step": bs,
+        "rss_after_load_mb": after_load,
+        "peak_rss_mb": peak_rss_mb(),
+        "lora_state_mb": sum(
+            p.numel() * p.element_size() for p in ensemble.parameters() if p.requires_grad
+        )
+        / 2**20,  # fmt: skip
+        "seconds": time.perf_counter() - start,
+    }
+    if runtime.device.type == "cuda":
+        result["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated(runtime.device) / 2**20
+    print(json.dumps(result))
+
+
+def run_memory(args) -> list[dict]:
+    results = []
+    for members in [int(m) for m in args.rss_members.split(",") if m]:
+        cmd = [
+            sys.executable, __file__, "--rss-child", "--members", str(members),
+            "--members-per-pass", "1", "--model", args.model, "--task", args.task,
+            "--precision", args.precision, "--device", args.device, "--seed", str(args.seed),
+            "--rss-batch-size", str(args.rss_batch_size), "--rss-steps", str(args.rss_steps),
+        ]  # fmt: skip
+        if args.threads:
+            cmd += ["--threads", str(args.threads)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory subprocess for M={members} failed:\n{proc.stderr[-3000:]}")
+        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def summarize(raw: dict, shape: ModelShape, peaks: dict, phase: str, lengths, members, k) -> dict:
+    seconds = raw[f"{phase}_seconds"]
+    useful_tok, processed_tok = raw[f"{phase}_useful_tokens"], raw[f"{phase}_processed_tokens"]
+    flops = raw[f"{phase}_flops"]
+    useful = useful_flops(shape, lengths, members, phase == "train", k)
+    peak = peaks["square_flops"][raw["dtype"]]
+    return {
+        "seconds": seconds,
+        "load_avg_1min_after": raw[f"{phase}_seconds_load_avg_1min"],
+        "dtype": raw["dtype"],
+        "useful_tokens": useful_tok,
+        "processed_tokens": processed_tok,
+        "useful_tokens_per_s": useful_tok / seconds,
+        "processed_tokens_per_s": processed_tok / seconds,
+        "padding_overhead": processed_tok / useful_tok,
+        "flops": flops,
+        "useful_flops": useful,
+        "flops_per_useful_token": flops / useful_tok,
+        "flops_per_processed_token": flops / processed_tok,
+        "achieved_flops_per_s": flops / seconds,
+        "useful_flops_per_s": useful / seconds,
+        "peak_flops_per_s": peak,
+        "achieved_fraction_of_peak": flops / seconds / peak,
+        "useful_fraction_of_peak": useful / seconds / peak,
+    }
+
+
+def format_report(result: dict) -> str:
+    cfg, lines = result["config"], []
+    env = result["environment"]
+    lines.append(
+        f"loraens throughput — {cfg['model']} on {cfg['task']}, M={cfg['members']}, "
+        f"{cfg['train_questions']} train q × 1 epoch (batch {cfg['batch_size']}), "
+        f"{cfg['eval_questions']} eval q (batch {cfg['eval_batch_size']})"
+    )
+    lines.append(
+        f"{env['cpu']} · {env['threads']} threads · {env['device']} · torch {env['torch']} · "
+        f"load avg at start {env['load_average_at_start'][0]:.2f}"
+    )
+    peaks = result["peak"]
+    sq = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks["square_flops"].items())
+    mlp = ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks["mlp_shape_flops"].items())
+    lines.append(
+        f"matmul peak GFLOP/s (best of start and end): {peaks['square_size']}² {sq}; "
+        f"model MLP shape {'×'.join(map(str, peaks['mlp_shape']))} {mlp}"
+    )
+    if "square_flops_at_end" in peaks:
+        start, end = peaks["square_flops_at_start"], peaks["square_flops_at_end"]
+        lines.append(
+            f"  square peak at start {', '.join(f'{k} {v / 1e9:.0f}' for k, v in start.items())}"
+            f"; at end {', '.join(f'{k} {v / 1e9:.0f}' for k, v in end.items())}"
+            " (a big spread means other processes were competing for the cores)"
+        )
+    full = result["full_split_padding"]
+    lines.append(
+        f"processed/useful tokens over the full {cfg['task']} splits ({full['train_questions']} "
+        f"train, {full['eval_questions']} eval; the slice here is too small for length "
+        f"grouping): training ours {full['train']['ours']:.2f} vs reference "
+        f"{full['train']['reference']:.2f}, inference ours {full['infer']['ours']:.2f} vs "
+        f"reference {full['infer']['reference']:.2f}"
+    )
+    width = 34
+    for phase in ("train", "infer"):
+        ref, ours = result.get("reference", {}).get(phase), result["ours"][phase]
+        title = "TRAINING" if phase == "train" else "INFERENCE"
+        lines.append("")
+        lines.append(f"{title:<{width}}{'reference':>14}{'ours':>14}{'ours/ref':>10}")
+
+        def row(label, key, fmt, ratio=True, scale=1.0, ref=ref, ours=ours):
+            r = ref[key] * scale if ref else None
+            o = ours[key] * scale
+            cells = [f"{r:>14{fmt}}" if r is not None else f"{'-':>14}", f"{o:>14{fmt}}"]
+            rat = f"{o / r:>10.2f}" if (ratio and r) else f"{'':>10}"
+            lines.append(f"  {label:<{width - 2}}" + "".join(cells) + rat)
+
+        lines.append(f"  {'dtype':<{width - 2}}{ref['dtype'] if ref else '-':>14}"
+                     f"{ours['dtype']:>14}")  # fmt: skip
+        row("wall time (s)", "seconds", ".1f")
+        row("load average (1 min) at end", "load_avg_1min_after", ".2f", ratio=False)
+        row("useful tokens/s", "useful_tokens_per_s", ".0f")
+        row("processed tokens/s (incl. pad)", "processed_tokens_per_s", ".0f")
+        row("processed / useful tokens", "padding_overhead", ".2f", ratio=False)
+        row("GFLOP per useful token", "flops_per_useful_token", ".3f", scale=1e-9)
+        row("GFLOP per processed token", "flops_per_processed_token", ".3f", scale=1e-9)
+        row("achieved GFLOP/s", "achieved_flops_per_s", ".1f", scale=1e-9)
+        row("  fraction of peak (own dtype)", "achieved_fraction_of_peak", ".1%", ratio=False)
+        row("useful GFLOP/s", "useful_flops_per_s", ".1f", scale=1e-9)
+        row("  fraction of peak (own dtype)", "useful_fraction_of_peak", ".1%", ratio=False)
+        if phase == "train":
+            row("mean training loss (sanity)", "mean_loss", ".3f", ratio=False)
+    if result.get("memory"):
+        lines.append("")
+        lines.append("PEAK MEMORY of our training (own subprocess each, one member per pass)")
+        key = "cuda_max_allocated_mb" if "cuda_max_allocated_mb" in result["memory"][0] else None
+        for mem in result["memory"]:
+            extra = f", CUDA max allocated {mem[key]:.0f} MB" if key else ""
+            lines.append(
+                f"  M={mem['members']:>3}: peak RSS {mem['peak_rss_mb']:7.0f} MB (after model "
+                f"load {mem['rss_after_load_mb']:.0f} MB; LoRA weights {mem['lora_state_mb']:.1f}"
+                f" MB){extra}; {mem['steps']} steps of {mem['questions_per_member_per_step']} "
+                f"q/member"
+            )
+        if len(result["memory"]) >= 2:
+            a, b = result["memory"][0], result["memory"][-1]
+            per = (b["peak_rss_mb"] - a["peak_rss_mb"]) / max(b["members"] - a["members"], 1)
+            lines.append(f"  → {per:.1f} MB per extra member (weights + grads + AdamW moments "
+                         f"≈ 4× LoRA weights)")  # fmt: skip
+    if result.get("profile"):
+        prof = result["profile"]
+        lines.append("")
+        split = ", ".join(f"{name} {share:.0%}" for name, share in prof["split"].items())
+        lines.append(
+            f"PROFILE of our training, per step (mean of {prof['steps']}; by "
+            f"{prof['sorted_by']}): {prof['ms_per_step']:.0f} ms — {split}"
+        )
+        for op in prof["ops"]:
+            lines.append(
+                f"  {op['op'][:56]:<56}{op['ms_per_step']:>9.0f} ms{op['share']:>7.1%}"
+                f"{op['calls_per_step']:>8.0f} calls"
+            )
+    lines.append("")
+    lines.append(f"total wall time {result['wall_seconds']:.0f} s")
+    return "\n".join(lines)
+
+
+def jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size is None:
+        args.batch_size = TASKS[args.task].paper_batch_size
+    if args.rss_child:
+        rss_child(args)
+        return {}
+    started = time.perf_counter()
+    runtime = resolve_runtime(args.device, args.precision)
+    device = runtime.device
+    env = environment(device)
+    base = load_base_model(args.model, device=device)
+    shape = ModelShape.of(base.model, RANK, TARGETS)
+    train_set, eval_set, label_ids = load_data(
+        args, base.tokenizer, args.train_questions, args.eval_questions
+    )
+    k = len(label_ids)
+    train_lengths = [len(ids) for ids in train_set.input_ids]
+    eval_lengths = [len(ids) for ids in eval_set.input_ids]
+    note(f"model and data loaded; measuring the matmul peak on {device}")
+    peaks = measure_peaks(device, shape, args.members * args.batch_size * 64)
+    note(
+        "peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks["square_flops"].items())
+    )
+
+    result: dict = {
+        "config": {
+            "model": args.model,
+            "task": args.task,
+            "members": args.members,
+            "train_questions": len(train_set),
+            "eval_questions": len(eval_set),
+            "batch_size": args.batch_size,
+            "eval_batch_size": args.eval_batch_size,
+            "precision": args.precision,
+            "reference_pad": args.reference_pad,
+            "seed": args.seed,
+            "lora": {"rank": RANK, "alpha": ALPHA, "targets": list(TARGETS)},
+            "lr": LR,
+            "weight_decay": WEIGHT_DECAY,
+            "train_prompt_tokens": {
+                "mean": float(np.mean(train_lengths)),
+                "max": int(max(train_lengths)),
+            },
+            "eval_prompt_tokens": {
+                "mean": float(np.mean(eval_lengths)),
+                "max": int(max(eval_lengths)),
+            },
+        },  # fmt: skip
+        "environment": env,
+        "full_split_padding": full_split_padding(args, base.tokenizer),
+        "model_shape": shape.__dict__,
+        "peak": peaks,
+    }
+
+    def phases(raw: dict) -> dict:
+        return {
+            "train": {
+                **summarize(raw, shape, peaks, "train", train_lengths, args.members, k),
+                "mean_loss": raw["train_mean_loss"],
+                "steps_per_member": raw["train_steps_per_member"],
+            },
+            "infer": summarize(raw, shape, peaks, "infer", eval_lengths, args.members, k),
+            "details": {k: v for k, v in raw.items() if not k.startswith("_")},
+        }
+
+    if not args.skip_reference:
+        ref = run_reference(args, base, shape, train_set, eval_set, label_ids, device)
+        base = dataclasses.replace(base, model=ref.pop("_base_model"))
+        result["reference"] = phases(ref)
+    ours_raw = run_ours(args, base, shape, train_set, eval_set, label_ids, runtime)
+    result["ours"] = phases(ours_raw)
+    if "reference" in result:
+        result["ours_over_reference"] = {
+            phase: {
+                "useful_tokens_per_s": result["ours"][phase]["useful_tokens_per_s"]
+                / result["reference"][phase]["useful_tokens_per_s"]
+            }
+            for phase in ("train", "infer")
+        }
+    profile = ours_raw.pop("_profile", None)
+    del ours_raw, base
+    gc.collect()
+    if not args.skip_memory:
+        note("peak memory subprocesses")
+        result["memory"] = run_memory(args)
+    # Other processes may share the machine: measure the peak again and keep the best of both.
+    note("measuring the matmul peak again")
+    again = measure_peaks(device, shape, args.members * args.batch_size * 64)
+    peaks["square_flops_at_start"] = dict(peaks["square_flops"])
+    peaks["square_flops_at_end"] = again["square_flops"]
+    for key in ("square_flops", "mlp_shape_flops"):
+        for name, value in again[key].items():
+            peaks[key][name] = max(peaks[key][name], value)
+    for section in ("reference", "ours"):
+        for phase in ("train", "infer"):
+            if section in result:
+                stats = result[section][phase]
+                stats["peak_flops_per_s"] = peaks["square_flops"][stats["dtype"]]
+                for kind in ("achieved", "useful"):
+                    stats[f"{kind}_fraction_of_peak"] = (
+                        stats[f"{kind}_flops_per_s"] / stats["peak_flops_per_s"]
+                    )
+    fraction = result["ours"]["train"]["achieved_fraction_of_peak"]
+    if profile is not None and (args.profile == "on" or fraction < 0.7):
+        result["profile"] = profile
+    result["environment"]["load_average_at_end"] = list(os.getloadavg())
+    result["wall_seconds"] = time.perf_counter() - started
+
+    print(format_report(result))
+    path = args.json
+    if path is None:
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = REPO / "bench" / "results" / f"throughput-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(jsonable(result), indent=2) + "\n")
+    print(f"results written to {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
