@@ -88,6 +88,12 @@ class OptimConfig:
     decay_target: Literal["all", "A", "B"] = "all"
     """Which LoRA matrices weight_decay applies to; the others get none (App. B compares B, A,
     and both)."""
+    patience: int | None = None
+    """Beyond the paper: stop when the ensemble's NLL on a held-out slice of the training data
+    has not improved for this many epochs, and keep the best epoch's adapters (None: train all
+    epochs; the paper's early stopping is simply a small optim.epochs)."""
+    holdout_fraction: float = 0.1
+    """Share of the training questions held out for optim.patience (unused without it)."""
     kl_beta: float = 0.0
     """β of the KL(p_fine-tuned || p_base) penalty at the answer position (paper: 0.01, 0.05,
     0.1); 0 turns it off. Base distributions are computed once per training question."""
@@ -103,6 +109,11 @@ class OptimConfig:
             self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}"
         )
         _require(self.kl_beta >= 0, f"optim.kl_beta must be >= 0, got {self.kl_beta}")
+        _require(self.patience is None or self.patience >= 1, "optim.patience must be >= 1")
+        _require(
+            0 < self.holdout_fraction < 1,
+            f"optim.holdout_fraction must be in (0, 1), got {self.holdout_fraction}",
+        )
 
 
 @dataclass

@@ -38,3 +38,12 @@ def default_batch_size(cfg: DataConfig) -> int:
     if cfg.task is not None and cfg.train_file is None:
         return TASKS[cfg.task].paper_batch_size
     return DEFAULT_FILE_BATCH_SIZE
+
+
+def split_holdout(
+    questions: list[Question], fraction: float, seed: int
+) -> tuple[list[Question], list[Question]]:
+    """(fit, held out): a seeded share of the training questions set aside for early stopping."""
+    n_holdout = max(1, round(len(questions) * fraction))
+    shuffled = random.Random(seed).sample(list(questions), len(questions))
+    return shuffled[n_holdout:], shuffled[:n_holdout]

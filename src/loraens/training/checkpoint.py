@@ -33,22 +33,32 @@ class TrainState:
     rows: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     tokens_seen: int = 0
+    best_epoch: int = 0  # early stopping on held-out NLL (optim.patience)
+    best_holdout_nll: float | None = None
+    stopped_early: bool = False
 
 
-def _stacked_tensors(ensemble: LoRAEnsemble) -> dict[str, torch.Tensor]:
+def stacked_tensors(ensemble: LoRAEnsemble) -> dict[str, torch.Tensor]:
+    """Every member's adapters as stacked CPU tensors: a snapshot later training leaves alone."""
     return {
-        f"{name}.lora_{which}": getattr(layer, f"lora_{which}").detach().cpu().contiguous()
+        f"{name}.lora_{which}": getattr(layer, f"lora_{which}").detach().cpu().clone()
         for name, layer in ensemble.lora_layers.items()
         for which in ("A", "B")
     }
 
 
 def save_checkpoint(
-    folder: Path, ensemble: LoRAEnsemble, optimizer: torch.optim.Optimizer, state: TrainState
+    folder: Path,
+    ensemble: LoRAEnsemble,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    best: dict[str, torch.Tensor] | None = None,
 ) -> None:
     with atomic_path(folder) as tmp:
         tmp.mkdir()
-        save_file(_stacked_tensors(ensemble), tmp / "adapters.safetensors")
+        save_file(stacked_tensors(ensemble), tmp / "adapters.safetensors")
+        if best is not None:
+            save_file(best, tmp / "best_adapters.safetensors")
         torch.save(
             {"optimizer": optimizer.state_dict(), "torch_rng": torch.get_rng_state()},
             tmp / "optimizer.pt",
@@ -72,7 +82,7 @@ def load_checkpoint(
             f"wrote it)."
         )
     tensors = load_file(folder / "adapters.safetensors")
-    expected = _stacked_tensors(ensemble)
+    expected = stacked_tensors(ensemble)
     if set(tensors) != set(expected) or any(
         tensors[k].shape != v.shape for k, v in expected.items()
     ):
@@ -80,11 +90,20 @@ def load_checkpoint(
             f"{folder} does not fit this run's model and ensemble (different base model, "
             f"rank, targets or number of members)."
         )
-    with torch.no_grad():
-        for name, layer in ensemble.lora_layers.items():
-            for which in ("A", "B"):
-                getattr(layer, f"lora_{which}").copy_(tensors[f"{name}.lora_{which}"])
+    load_stacked(ensemble, tensors)
     extra = torch.load(folder / "optimizer.pt", weights_only=True)
     optimizer.load_state_dict(extra["optimizer"])
     torch.set_rng_state(extra["torch_rng"])
     return TrainState(**payload)
+
+
+def load_stacked(ensemble: LoRAEnsemble, tensors: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, layer in ensemble.lora_layers.items():
+            for which in ("A", "B"):
+                getattr(layer, f"lora_{which}").copy_(tensors[f"{name}.lora_{which}"])
+
+
+def load_best(folder: Path) -> dict[str, torch.Tensor] | None:
+    path = folder / "best_adapters.safetensors"
+    return load_file(path) if path.exists() else None

@@ -19,7 +19,7 @@ import torch
 
 from loraens.config import TrainConfig
 from loraens.data.prompts import encode_questions, label_token_ids
-from loraens.data.sources import default_batch_size, load_run_data
+from loraens.data.sources import default_batch_size, load_run_data, split_holdout
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.report import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
@@ -30,7 +30,14 @@ from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
 from loraens.rundir import RunDir, write_predictions
 from loraens.runtime import resolve_runtime
-from loraens.training.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from loraens.training.checkpoint import (
+    TrainState,
+    load_best,
+    load_checkpoint,
+    load_stacked,
+    save_checkpoint,
+    stacked_tensors,
+)
 from loraens.training.optim import build_optimizer
 from loraens.training.seeds import member_seeds, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
@@ -114,10 +121,16 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     train_qs, eval_qs = load_run_data(cfg.data)
+    holdout_qs: list = []
+    if cfg.optim.patience is not None:
+        train_qs, holdout_qs = split_holdout(
+            train_qs, cfg.optim.holdout_fraction, cfg.data.subset_seed
+        )
     max_choices = max(len(q.choices) for q in train_qs + eval_qs)
     label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
     train_set = encode_questions(base.tokenizer, train_qs, cfg.model.max_length)
     eval_set = encode_questions(base.tokenizer, eval_qs, cfg.model.max_length)
+    holdout_set = encode_questions(base.tokenizer, holdout_qs, cfg.model.max_length)
     if shortened := train_set.n_shortened + eval_set.n_shortened:
         log.warning(
             "%d prompts exceeded max_length=%d and had their question text shortened.",
@@ -173,16 +186,17 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     torch.manual_seed(cfg.ensemble.seed)
     if (run.checkpoint / "state.json").exists():
         state = load_checkpoint(run.checkpoint, ensemble, trainer.optimizer)
+        best = load_best(run.checkpoint)
         log.info("Resuming %s after epoch %d of %d.", run.root, state.epochs_done, cfg.optim.epochs)
     else:
-        state = TrainState(n_train=len(train_qs))
+        state, best = TrainState(n_train=len(train_qs)), None
         write_json_atomic(run.provenance, provenance(base.path, train_qs, eval_qs))
     trainer.tokens_seen = state.tokens_seen
 
-    def evaluate() -> np.ndarray:
+    def evaluate(questions=eval_set) -> np.ndarray:
         return score_members(
             ensemble,
-            eval_set,
+            questions,
             label_ids,
             runtime,
             batch_size=cfg.runtime.eval_batch_size,
@@ -193,8 +207,9 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 
     labels = np.asarray(eval_set.labels)
     member_log_probs = None
+    first_epoch = cfg.optim.epochs if state.stopped_early else state.epochs_done
     try:
-        for epoch in range(state.epochs_done, cfg.optim.epochs):
+        for epoch in range(first_epoch, cfg.optim.epochs):
             tick = time.perf_counter()
             train_loss = trainer.train_epoch(epoch, progress=cfg.runtime.progress)
             state.train_seconds += time.perf_counter() - tick
@@ -217,13 +232,38 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
                 )
             state.epochs_done = epoch + 1
             state.tokens_seen = trainer.tokens_seen
-            save_checkpoint(run.checkpoint, ensemble, trainer.optimizer, state)
+            if cfg.optim.patience is not None:
+                holdout_rows = metric_rows(
+                    evaluate(holdout_set),
+                    np.asarray(holdout_set.labels),
+                    epoch=epoch + 1,
+                    split="holdout",
+                )
+                state.rows += holdout_rows
+                nll = holdout_rows[-1]["nll"]
+                if state.best_holdout_nll is None or nll < state.best_holdout_nll:
+                    state.best_epoch, state.best_holdout_nll = epoch + 1, nll
+                    best = stacked_tensors(ensemble)
+                state.stopped_early = epoch + 1 - state.best_epoch >= cfg.optim.patience
+            save_checkpoint(run.checkpoint, ensemble, trainer.optimizer, state, best)
             # metrics.jsonl is derived from the checkpoint's rows, so the two never disagree.
             write_jsonl_atomic(run.metrics, state.rows)
+            if state.stopped_early:
+                log.info(
+                    "Held-out NLL has not improved for %d epochs: stopping after epoch "
+                    "%d, keeping epoch %d.",
+                    cfg.optim.patience,
+                    epoch + 1,
+                    state.best_epoch,
+                )
+                break
     except KeyboardInterrupt:
         raise TrainingInterrupted(run.root, state.epochs_done) from None
 
-    if member_log_probs is None:  # resumed after the last epoch's checkpoint
+    if best is not None and state.best_epoch != state.epochs_done:
+        load_stacked(ensemble, best)
+        member_log_probs = None
+    if member_log_probs is None:  # resumed after the last epoch, or restored the best epoch
         member_log_probs = evaluate()
     for m in range(n_trained):
         save_member(ensemble, m, run.member(m), base_model=cfg.model.name_or_path)
@@ -232,10 +272,13 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 
 def _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started) -> TrainResult:
     write_predictions(run.predictions, eval_qs, member_log_probs)
-    final_rows = [r for r in state.rows if r["split"] == "eval" and r["epoch"] == cfg.optim.epochs]
-    table = single_vs_ensemble(final_rows)
+    # From the adapters actually saved (the best epoch under optim.patience, else the last).
+    labels = np.asarray([q.answer for q in eval_qs])
+    table = single_vs_ensemble(metric_rows(member_log_probs, labels))
     summary = {
         "method": cfg.ensemble.method,
+        "epochs_trained": state.epochs_done,
+        "epoch_kept": state.best_epoch or state.epochs_done,
         "table": table,
         "train_questions": state.n_train,
         "eval_questions": len(eval_qs),
