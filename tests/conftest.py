@@ -77,3 +77,15 @@ def questions_files(tmp_path) -> tuple[Path, Path]:
     write_questions_jsonl(make_questions(24, seed=1), train)
     write_questions_jsonl(make_questions(12, seed=2), evaluation)
     return train, evaluation
+
+
+def train_argv(
+    model_dir, train, evaluation, out, *extra, members=3, epochs=2, lr=1e-3, batch_size=8
+) -> list[str]:
+    """`loraens train` arguments for a tiny model on question files; ``extra`` flags win."""
+    return [
+        "train", "--out", str(out), "--model.name_or_path", str(model_dir),
+        "--data.task", "null", "--data.train_file", str(train), "--data.eval_file", str(evaluation),
+        "--ensemble.members", str(members), "--optim.epochs", str(epochs), "--optim.lr", str(lr),
+        "--optim.batch_size", str(batch_size), "--runtime.progress", "false", *extra,
+    ]  # fmt: skip

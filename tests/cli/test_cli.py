@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import yaml
+from conftest import train_argv
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -13,38 +14,11 @@ from loraens.cli.main import main
 from loraens.rundir import read_jsonl
 
 
-def _train_args(model_dir, train, evaluation, out, *extra):
-    return [
-        "train",
-        "--out",
-        str(out),
-        "--model.name_or_path",
-        str(model_dir),
-        "--data.task",
-        "null",
-        "--data.train_file",
-        str(train),
-        "--data.eval_file",
-        str(evaluation),
-        "--ensemble.members",
-        "3",
-        "--optim.epochs",
-        "2",
-        "--optim.lr",
-        "1e-3",
-        "--optim.batch_size",
-        "8",
-        "--runtime.progress",
-        "false",
-        *extra,
-    ]
-
-
 @pytest.fixture
 def trained_run(tiny_model_dir, questions_files, tmp_path):
     train, evaluation = questions_files
     out = tmp_path / "run"
-    main(_train_args(tiny_model_dir, train, evaluation, out))
+    main(train_argv(tiny_model_dir, train, evaluation, out))
     return out
 
 
@@ -87,7 +61,7 @@ def test_train_prints_the_single_vs_ensemble_table(
     tiny_model_dir, questions_files, tmp_path, capsys
 ):
     train, evaluation = questions_files
-    main(_train_args(tiny_model_dir, train, evaluation, tmp_path / "run", "--optim.epochs", "1"))
+    main(train_argv(tiny_model_dir, train, evaluation, tmp_path / "run", "--optim.epochs", "1"))
     out = capsys.readouterr().out
     assert "single (mean)" in out and "ensemble (M=3)" in out
 
@@ -139,7 +113,7 @@ def test_user_errors_are_one_paragraph_without_traceback(tiny_model_dir, tmp_pat
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q?", "choices": ["only one"], "answer": 0}) + "\n")
     with pytest.raises(SystemExit) as exit_info:
-        main(_train_args(tiny_model_dir, bad, bad, tmp_path / "run"))
+        main(train_argv(tiny_model_dir, bad, bad, tmp_path / "run"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 1" in err and "choices" in err
@@ -155,11 +129,11 @@ def test_rerun_of_a_finished_run_reports_it_and_a_changed_config_is_refused(
 ):
     train, evaluation = questions_files
     before = (trained_run / "metrics.jsonl").read_text()
-    main(_train_args(tiny_model_dir, train, evaluation, trained_run))
+    main(train_argv(tiny_model_dir, train, evaluation, trained_run))
     assert "ensemble (M=3)" in capsys.readouterr().out
     assert (trained_run / "metrics.jsonl").read_text() == before
     with pytest.raises(SystemExit):
-        main(_train_args(tiny_model_dir, train, evaluation, trained_run, "--optim.lr", "0.5"))
+        main(train_argv(tiny_model_dir, train, evaluation, trained_run, "--optim.lr", "0.5"))
     err = capsys.readouterr().err
     assert "different configuration" in err and "optim.lr" in err
 
@@ -168,7 +142,7 @@ def test_refuses_a_non_run_directory(tiny_model_dir, questions_files, tmp_path, 
     train, evaluation = questions_files
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        main(_train_args(tiny_model_dir, train, evaluation, tmp_path))
+        main(train_argv(tiny_model_dir, train, evaluation, tmp_path))
     assert "not a loraens run" in capsys.readouterr().err
 
 

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_questions
+from conftest import make_questions, train_argv
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl
@@ -11,33 +11,7 @@ from loraens.rundir import read_jsonl
 
 
 def _train(model_dir, files, out, *extra):
-    train, evaluation = files
-    main(
-        [
-            "train",
-            "--out",
-            str(out),
-            "--model.name_or_path",
-            str(model_dir),
-            "--data.task",
-            "null",
-            "--data.train_file",
-            str(train),
-            "--data.eval_file",
-            str(evaluation),
-            "--ensemble.members",
-            "3",
-            "--optim.epochs",
-            "2",
-            "--optim.lr",
-            "1e-2",
-            "--optim.batch_size",
-            "8",
-            "--runtime.progress",
-            "false",
-            *extra,
-        ]
-    )
+    main(train_argv(model_dir, *files, out, *extra, lr=1e-2))
 
 
 @pytest.mark.parametrize(
@@ -115,3 +89,17 @@ def test_few_shot_command(tiny_model_dir, tmp_path, capsys):
     result = json.loads(report.read_text())
     assert result["k"] == 3 and len(result["per_draw"]) == 2
     assert "3-shot arce" in capsys.readouterr().out
+
+
+def test_kl_and_decay_options_reach_the_training_loss(tiny_model_dir, questions_files, tmp_path):
+    def final_train_loss(name, *extra):
+        _train(tiny_model_dir, questions_files, tmp_path / name, *extra)
+        rows = read_jsonl(tmp_path / name / "metrics.jsonl")
+        return [r["loss"] for r in rows if r["split"] == "train" and r["epoch"] == 2]
+
+    plain = final_train_loss("plain")
+    # the KL term is part of the reported training loss, so it must change it
+    assert final_train_loss("kl", "--optim.kl_beta", "10") != pytest.approx(plain, rel=1e-4)
+    assert final_train_loss(
+        "decay", "--optim.weight_decay", "100", "--optim.decay_target", "B"
+    ) != pytest.approx(plain, rel=1e-4)

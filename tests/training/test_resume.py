@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_questions
+from conftest import make_questions, train_argv
 from safetensors.torch import load_file
 
 from loraens.cli.main import main
@@ -27,33 +27,17 @@ def data_files(tmp_path_factory):
 
 
 def _args(model_dir, data_files, out, *extra):
-    train, evaluation = data_files
-    return [
-        "train",
-        "--out",
-        str(out),
-        "--model.name_or_path",
-        str(model_dir),
-        "--data.task",
-        "null",
-        "--data.train_file",
-        str(train),
-        "--data.eval_file",
-        str(evaluation),
-        "--ensemble.members",
-        "2",
-        "--optim.epochs",
-        str(EPOCHS),
-        "--optim.lr",
-        "1e-3",
-        "--optim.batch_size",
-        "4",
-        "--runtime.progress",
-        "false",
+    return train_argv(
+        model_dir,
+        *data_files,
+        out,
         "--lora.dropout",
         "0.1",
         *extra,
-    ]
+        members=2,
+        epochs=EPOCHS,
+        batch_size=4,
+    )
 
 
 def _spawn(args):

@@ -18,18 +18,19 @@ import numpy as np
 import torch
 
 from loraens.config import TrainConfig
-from loraens.data.prompts import encode_questions, label_token_ids
+from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
+from loraens.data.records import Question
 from loraens.data.sources import default_batch_size, load_run_data, split_holdout
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.report import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
 from loraens.methods.last_layer import save_last_layer_member, train_last_layer
-from loraens.models.loading import load_base_model
+from loraens.models.loading import BaseModel, load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
 from loraens.rundir import RunDir, write_predictions
-from loraens.runtime import resolve_runtime
+from loraens.runtime import Runtime, resolve_runtime
 from loraens.training.checkpoint import (
     TrainState,
     load_best,
@@ -103,6 +104,25 @@ def resume_config(run_dir: str | Path) -> TrainConfig:
     return TrainConfig.from_dict(run.read_config())
 
 
+@dataclass
+class _Setup:
+    """Everything both training paths share: model, questions, encodings, seeds."""
+
+    cfg: TrainConfig
+    run: RunDir
+    runtime: Runtime
+    base: BaseModel
+    train_qs: list[Question]
+    eval_qs: list[Question]
+    train_set: EncodedQuestions
+    eval_set: EncodedQuestions
+    holdout_set: EncodedQuestions
+    label_ids: torch.Tensor
+    data_seeds: list[int]
+    schedule: int | None
+    started: float
+
+
 def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     run = RunDir(Path(out_dir))
     batch_size = cfg.optim.batch_size or default_batch_size(cfg.data)
@@ -112,7 +132,13 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         log.info("%s is already complete.", run.root)
         summary = json.loads(run.summary.read_text())
         return TrainResult(run_dir=run, table=summary["table"], summary=summary)
+    setup = _set_up(cfg, run)
+    if cfg.ensemble.method == "last_layer":
+        return _train_last_layer(setup)
+    return _train_lora(setup)
 
+
+def _set_up(cfg: TrainConfig, run: RunDir) -> _Setup:
     started = time.perf_counter()
     runtime = resolve_runtime(cfg.runtime.device, cfg.runtime.precision)
     base = load_base_model(
@@ -121,45 +147,49 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         trust_remote_code=cfg.model.trust_remote_code,
     )
     train_qs, eval_qs = load_run_data(cfg.data)
-    holdout_qs: list = []
+    holdout_qs: list[Question] = []
     if cfg.optim.patience is not None:
         train_qs, holdout_qs = split_holdout(
             train_qs, cfg.optim.holdout_fraction, cfg.data.subset_seed
         )
     max_choices = max(len(q.choices) for q in train_qs + eval_qs)
     label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
-    train_set = encode_questions(base.tokenizer, train_qs, cfg.model.max_length)
-    eval_set = encode_questions(base.tokenizer, eval_qs, cfg.model.max_length)
-    holdout_set = encode_questions(base.tokenizer, holdout_qs, cfg.model.max_length)
-    if shortened := train_set.n_shortened + eval_set.n_shortened:
+
+    def encode(questions: list[Question]) -> EncodedQuestions:
+        return encode_questions(base.tokenizer, questions, cfg.model.max_length)
+
+    train_set, eval_set, holdout_set = encode(train_qs), encode(eval_qs), encode(holdout_qs)
+    if shortened := train_set.n_shortened + eval_set.n_shortened + holdout_set.n_shortened:
         log.warning(
             "%d prompts exceeded max_length=%d and had their question text shortened.",
             shortened,
             cfg.model.max_length,
         )
+    seed = cfg.ensemble.seed
+    return _Setup(
+        cfg=cfg,
+        run=run,
+        runtime=runtime,
+        base=base,
+        train_qs=train_qs,
+        eval_qs=eval_qs,
+        train_set=train_set,
+        eval_set=eval_set,
+        holdout_set=holdout_set,
+        label_ids=label_ids,
+        data_seeds=member_seeds(seed, cfg.ensemble.members, "data", cfg.ensemble.vary_data_order),
+        schedule=schedule_seed(seed) if cfg.data.group_by_length else None,
+        started=started,
+    )
 
-    n_members = cfg.ensemble.members
-    data_seeds = member_seeds(cfg.ensemble.seed, n_members, "data", cfg.ensemble.vary_data_order)
-    schedule = schedule_seed(cfg.ensemble.seed) if cfg.data.group_by_length else None
-    if cfg.ensemble.method == "last_layer":
-        return _train_last_layer(
-            cfg,
-            run,
-            base,
-            runtime,
-            train_set,
-            eval_set,
-            eval_qs,
-            label_ids,
-            data_seeds,
-            schedule,
-            started,
-        )
+
+def _train_lora(s: _Setup) -> TrainResult:
+    cfg, run, runtime = s.cfg, s.run, s.runtime
     # MC dropout trains one adapter; its M "members" are stochastic passes at test time.
-    mc_passes = n_members if cfg.ensemble.method == "mc_dropout" else 1
-    n_trained = n_members // mc_passes
+    mc_passes = cfg.ensemble.members if cfg.ensemble.method == "mc_dropout" else 1
+    n_trained = cfg.ensemble.members // mc_passes
     ensemble = LoRAEnsemble(
-        base.model,
+        s.base.model,
         n_trained,
         cfg.lora.rank,
         cfg.lora.alpha,
@@ -172,13 +202,14 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     trainer = EnsembleTrainer(
         ensemble,
         build_optimizer(ensemble, cfg.optim),
-        train_set,
-        label_ids,
+        s.train_set,
+        s.label_ids,
         runtime,
-        data_seeds=member_seeds(cfg.ensemble.seed, n_members, "data", cfg.ensemble.vary_data_order),
-        batch_size=batch_size,
-        schedule_seed=schedule_seed(cfg.ensemble.seed) if cfg.data.group_by_length else None,
+        data_seeds=s.data_seeds[:n_trained],
+        batch_size=cfg.optim.batch_size,
+        schedule_seed=s.schedule,
         members_per_pass=cfg.runtime.members_per_pass,
+        kl_beta=cfg.optim.kl_beta,
     )
 
     # LoRA dropout draws from torch's global generator: seed it so a rerun is bit-identical
@@ -189,15 +220,15 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         best = load_best(run.checkpoint)
         log.info("Resuming %s after epoch %d of %d.", run.root, state.epochs_done, cfg.optim.epochs)
     else:
-        state, best = TrainState(n_train=len(train_qs)), None
-        write_json_atomic(run.provenance, provenance(base.path, train_qs, eval_qs))
+        state, best = TrainState(n_train=len(s.train_qs)), None
+        write_json_atomic(run.provenance, provenance(s.base.path, s.train_qs, s.eval_qs))
     trainer.tokens_seen = state.tokens_seen
 
-    def evaluate(questions=eval_set) -> np.ndarray:
+    def evaluate(questions: EncodedQuestions = s.eval_set) -> np.ndarray:
         return score_members(
             ensemble,
             questions,
-            label_ids,
+            s.label_ids,
             runtime,
             batch_size=cfg.runtime.eval_batch_size,
             members_per_pass=cfg.runtime.members_per_pass,
@@ -205,7 +236,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             progress=cfg.runtime.progress,
         )
 
-    labels = np.asarray(eval_set.labels)
+    labels = np.asarray(s.eval_set.labels)
     member_log_probs = None
     first_epoch = cfg.optim.epochs if state.stopped_early else state.epochs_done
     try:
@@ -234,8 +265,8 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             state.tokens_seen = trainer.tokens_seen
             if cfg.optim.patience is not None:
                 holdout_rows = metric_rows(
-                    evaluate(holdout_set),
-                    np.asarray(holdout_set.labels),
+                    evaluate(s.holdout_set),
+                    np.asarray(s.holdout_set.labels),
                     epoch=epoch + 1,
                     split="holdout",
                 )
@@ -267,13 +298,14 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
         member_log_probs = evaluate()
     for m in range(n_trained):
         save_member(ensemble, m, run.member(m), base_model=cfg.model.name_or_path)
-    return _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started)
+    return _finish(s, state, member_log_probs)
 
 
-def _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started) -> TrainResult:
-    write_predictions(run.predictions, eval_qs, member_log_probs)
+def _finish(s: _Setup, state: TrainState, member_log_probs: np.ndarray) -> TrainResult:
+    cfg, run, runtime = s.cfg, s.run, s.runtime
+    write_predictions(run.predictions, s.eval_qs, member_log_probs)
     # From the adapters actually saved (the best epoch under optim.patience, else the last).
-    labels = np.asarray([q.answer for q in eval_qs])
+    labels = np.asarray([q.answer for q in s.eval_qs])
     table = single_vs_ensemble(metric_rows(member_log_probs, labels))
     summary = {
         "method": cfg.ensemble.method,
@@ -281,10 +313,10 @@ def _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started) -> Tra
         "epoch_kept": state.best_epoch or state.epochs_done,
         "table": table,
         "train_questions": state.n_train,
-        "eval_questions": len(eval_qs),
+        "eval_questions": len(s.eval_qs),
         "train_seconds": state.train_seconds,
         "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "wall_seconds": time.perf_counter() - started,
+        "wall_seconds": time.perf_counter() - s.started,
         "precision": str(runtime.autocast_dtype or "fp32"),
         "device": str(runtime.device),
     }
@@ -293,24 +325,13 @@ def _finish(run, cfg, state, eval_qs, member_log_probs, runtime, started) -> Tra
     return TrainResult(run_dir=run, table=table, summary=summary)
 
 
-def _train_last_layer(
-    cfg,
-    run,
-    base,
-    runtime,
-    train_set,
-    eval_set,
-    eval_qs,
-    label_ids,
-    data_seeds,
-    schedule,
-    started,
-) -> TrainResult:
+def _train_last_layer(s: _Setup) -> TrainResult:
     """Last-layer ensembles train in seconds on cached features: no checkpoints needed, an
     interrupted run simply starts over (deterministically)."""
-    state = TrainState(n_train=len(train_set))
-    write_json_atomic(run.provenance, provenance(base.path, [], eval_qs))
-    labels = np.asarray(eval_set.labels)
+    cfg, run = s.cfg, s.run
+    state = TrainState(n_train=len(s.train_qs))
+    write_json_atomic(run.provenance, provenance(s.base.path, s.train_qs, s.eval_qs))
+    labels = np.asarray(s.eval_set.labels)
     final = {}
 
     def on_epoch(epoch: int, losses: np.ndarray, member_log_probs: np.ndarray) -> None:
@@ -324,14 +345,14 @@ def _train_last_layer(
 
     tick = time.perf_counter()
     ensemble = train_last_layer(
-        base.model,
-        train_set,
-        eval_set,
-        label_ids,
-        runtime,
+        s.base.model,
+        s.train_set,
+        s.eval_set,
+        s.label_ids,
+        s.runtime,
         n_members=cfg.ensemble.members,
-        data_seeds=data_seeds,
-        schedule_seed=schedule,
+        data_seeds=s.data_seeds,
+        schedule_seed=s.schedule,
         batch_size=cfg.optim.batch_size,
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
@@ -341,7 +362,7 @@ def _train_last_layer(
     state.train_seconds = time.perf_counter() - tick
     for m in range(ensemble.n_members):
         save_last_layer_member(ensemble, m, run.member(m))
-    return _finish(run, cfg, state, eval_qs, final["log_probs"], runtime, started)
+    return _finish(s, state, final["log_probs"])
 
 
 def print_result(result: TrainResult) -> None:
