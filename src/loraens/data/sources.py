@@ -12,7 +12,8 @@ from loraens.data.tasks import TASKS, load_task
 DEFAULT_FILE_BATCH_SIZE = 16
 
 
-def _subset(questions: list[Question], limit: int | None, seed: int) -> list[Question]:
+def subset(questions: list[Question], limit: int | None, seed: int) -> list[Question]:
+    """A seeded random subset of at most ``limit`` questions (all of them for None)."""
     if limit is None or limit >= len(questions):
         return list(questions)
     return random.Random(seed).sample(list(questions), limit)
@@ -28,8 +29,8 @@ def load_run_data(cfg: DataConfig) -> tuple[list[Question], list[Question]]:
     if cfg.eval_file is not None:
         evaluation = load_questions_file(cfg.eval_file)
     return (
-        _subset(train, cfg.train_limit, cfg.subset_seed),
-        _subset(evaluation, cfg.eval_limit, cfg.subset_seed + 1),
+        subset(train, cfg.train_limit, cfg.subset_seed),
+        subset(evaluation, cfg.eval_limit, cfg.subset_seed + 1),
     )
 
 

@@ -18,7 +18,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from loraens.data.records import Question
-from loraens.data.tasks import load_task
 from loraens.evaluation.evaluate import LoadedEnsemble, score_questions
 from loraens.evaluation.metrics import (
     auroc,
@@ -132,28 +131,3 @@ def evaluate_ood(
     lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
     lp_out = score_questions(loaded, ood_questions, batch_size=batch_size, progress=progress)
     return ood_metrics(lp_in, lp_out, _labels(ood_questions), _labels(in_questions))
-
-
-def ood_pair_questions(
-    task: str, max_questions: int | None = None, seed: int = 0
-) -> tuple[list[Question], list[Question]]:
-    """The eval splits of ``task`` (in-distribution) and of its paper OOD partner.
-
-    ``max_questions`` keeps a seeded random subset of at most that many questions from each set
-    (the MMLU OOD sets hold 11-14k questions, slow to score on a CPU).
-    """
-    if task not in OOD_PAIRS:
-        raise ValueError(f"No OOD pair for task {task!r}; the paper's pairs are {OOD_PAIRS}.")
-    in_questions = load_task(task)[1]
-    ood_questions = load_task(OOD_PAIRS[task])[1]
-    if max_questions is None:
-        return in_questions, ood_questions
-    rng = np.random.default_rng(seed)
-
-    def subset(questions: list[Question]) -> list[Question]:
-        if len(questions) <= max_questions:
-            return questions
-        keep = np.sort(rng.choice(len(questions), size=max_questions, replace=False))
-        return [questions[i] for i in keep]
-
-    return subset(in_questions), subset(ood_questions)
