@@ -60,5 +60,4 @@ def collate(
         "indices": torch.tensor(indices),
         "lengths": torch.tensor(lengths),
         "labels": torch.tensor([encoded.labels[i] for i in indices]),
-        "n_choices": torch.tensor([encoded.n_choices[i] for i in indices]),
     }

@@ -27,7 +27,8 @@ def format_prompt(question: str, choices: tuple[str, ...] | list[str]) -> str:
     return f"Q: {question}\nAnswer Choices:\n{options}\n{ANSWER_CUE}"
 
 
-def _encode(tokenizer, text: str) -> list[int]:
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of a prompt, special tokens included: the one tokenisation every path uses."""
     return tokenizer(text, add_special_tokens=True)["input_ids"]
 
 
@@ -38,10 +39,10 @@ def label_token_ids(tokenizer, n_letters: int = MAX_CHOICES) -> list[int]:
     prompt's own tokens (the prompt's tokenisation must not change when the letter is added).
     """
     prompt = format_prompt("Which letter?", ["yes", "no"])
-    prompt_ids = _encode(tokenizer, prompt)
+    prompt_ids = encode_text(tokenizer, prompt)
     ids = []
     for letter in LETTERS[:n_letters]:
-        with_letter = _encode(tokenizer, prompt + letter)
+        with_letter = encode_text(tokenizer, prompt + letter)
         if len(with_letter) != len(prompt_ids) + 1 or with_letter[:-1] != prompt_ids:
             raise TokenizerError(
                 f"With this tokenizer the answer letter {letter!r} after {ANSWER_CUE!r} is not a "
@@ -74,10 +75,10 @@ def encode_prompt(tokenizer, q: Question, max_length: int) -> tuple[list[int], b
     Returns the ids and whether the question had to be shortened. The question keeps its end,
     which usually holds the actual question after a long passage.
     """
-    ids = _encode(tokenizer, format_prompt(q.question, q.choices))
+    ids = encode_text(tokenizer, format_prompt(q.question, q.choices))
     if len(ids) <= max_length:
         return ids, False
-    bare = _encode(tokenizer, format_prompt("…", q.choices))
+    bare = encode_text(tokenizer, format_prompt("…", q.choices))
     if len(bare) > max_length:
         raise PromptTooLongError(
             f"Question {q.id!r}: its answer choices alone take {len(bare)} tokens, more than "
@@ -89,7 +90,7 @@ def encode_prompt(tokenizer, q: Question, max_length: int) -> tuple[list[int], b
     best = bare
     while lo < hi:
         keep = (lo + hi + 1) // 2
-        trial = _encode(tokenizer, format_prompt("…" + q.question[-keep:], q.choices))
+        trial = encode_text(tokenizer, format_prompt("…" + q.question[-keep:], q.choices))
         if len(trial) <= max_length:
             lo, best = keep, trial
         else:

@@ -34,6 +34,7 @@ from loraens.data.prompts import (
     LETTERS,
     EncodedQuestions,
     encode_prompt,
+    encode_text,
     format_prompt,
     label_token_ids,
 )
@@ -125,11 +126,6 @@ def few_shot_prompts(
     return prompts
 
 
-def _encode_text(tokenizer, text: str) -> list[int]:
-    # Same call as loraens.data.prompts, so special tokens (e.g. a BOS) match the other paths.
-    return tokenizer(text, add_special_tokens=True)["input_ids"]
-
-
 @dataclass(frozen=True)
 class FewShotEncoding:
     """Token ids of every few-shot prompt and how many demonstrations each kept."""
@@ -161,7 +157,7 @@ def encode_few_shot(
     for prompt in prompts:
         ids = None
         for n in range(len(prompt.demonstrations), 0, -1):
-            trial = _encode_text(tokenizer, prompt.text(n))
+            trial = encode_text(tokenizer, prompt.text(n))
             if len(trial) <= max_length:
                 ids, kept = trial, n
                 break

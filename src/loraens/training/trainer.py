@@ -86,10 +86,15 @@ class EnsembleTrainer:
     def _check_finite(self, losses: np.ndarray, epoch: int, step: int) -> None:
         # Checked before optimizer.step(), so a bad step never reaches the adapters and the last
         # checkpoint stays the last good state.
+        grads = [
+            torch.isfinite(p.grad.flatten(1)).all(dim=1)
+            for p in self.ensemble.lora_parameters("A") + self.ensemble.lora_parameters("B")
+            if p.grad is not None
+        ]
+        # One device-to-host transfer per step, not one per adapter tensor.
         bad = ~np.isfinite(losses)
-        for param in self.ensemble.lora_parameters("A") + self.ensemble.lora_parameters("B"):
-            if param.grad is not None:
-                bad |= ~torch.isfinite(param.grad.flatten(1)).all(dim=1).cpu().numpy()
+        if grads:
+            bad |= ~torch.stack(grads).all(dim=0).cpu().numpy()
         if bad.any():
             members = ", ".join(str(m) for m in np.flatnonzero(bad))
             raise NonFiniteError(
