@@ -137,11 +137,23 @@ class DataConfig:
     its own random batches in its own order, but members share which length group a step
     uses, so the stacked batch carries little padding (≈1.8× faster on arce with M = 5).
     Off: plain per-member shuffling, exactly as in the paper."""
+    ood_task: str | None = None
+    """Also score this task's eval split at every evaluated epoch (Fig. 5): metrics rows with
+    split 'ood', and OOD-detection AUROC against the eval split (split 'ood_detection'). The
+    paper pairs cqa with mmlu, mmlu-ss with mmlu-not-ss, mmlu-stem with mmlu-not-stem."""
+    ood_file: str | None = None
+    """Your own OOD questions (JSONL, CSV or Parquet) instead of data.ood_task."""
+    ood_limit: int | None = None
+    """Use a random subset of this many OOD questions (None: all)."""
 
     def __post_init__(self):
-        for name in ("train_limit", "eval_limit"):
+        for name in ("train_limit", "eval_limit", "ood_limit"):
             value = getattr(self, name)
             _require(value is None or value >= 1, f"data.{name} must be >= 1, got {value}")
+        _require(
+            self.ood_task is None or self.ood_file is None,
+            "Give data.ood_task or data.ood_file, not both.",
+        )
 
 
 @dataclass

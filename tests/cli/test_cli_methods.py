@@ -103,3 +103,24 @@ def test_kl_and_decay_options_reach_the_training_loss(tiny_model_dir, questions_
     assert final_train_loss(
         "decay", "--optim.weight_decay", "100", "--optim.decay_target", "B"
     ) != pytest.approx(plain, rel=1e-4)
+
+
+def test_ood_set_is_scored_every_epoch_without_changing_training(
+    tiny_model_dir, questions_files, tmp_path
+):
+    ood_file = tmp_path / "ood.jsonl"
+    write_questions_jsonl(make_questions(7, seed=9, n_choices=4), ood_file)
+    _train(tiny_model_dir, questions_files, tmp_path / "plain")
+    _train(tiny_model_dir, questions_files, tmp_path / "ood", "--data.ood_file", str(ood_file))
+
+    rows = read_jsonl(tmp_path / "ood" / "metrics.jsonl")
+    for epoch in (1, 2):
+        ood = {r["member"] for r in rows if r["split"] == "ood" and r["epoch"] == epoch}
+        assert ood == {0, 1, 2, "ensemble"}
+        detection = [r for r in rows if r["split"] == "ood_detection" and r["epoch"] == epoch]
+        ensemble = next(r for r in detection if r["member"] == "ensemble")
+        assert set(ensemble) >= {"neg_max_prob", "entropy", "mutual_information"}
+        assert all(0.0 <= r["neg_max_prob"] <= 1.0 for r in detection)
+    # Scoring the OOD set draws no randomness: training and eval rows are unchanged.
+    plain = read_jsonl(tmp_path / "plain" / "metrics.jsonl")
+    assert [r for r in rows if r["split"] in ("train", "eval")] == plain

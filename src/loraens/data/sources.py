@@ -48,3 +48,14 @@ def split_holdout(
     n_holdout = max(1, round(len(questions) * fraction))
     shuffled = random.Random(seed).sample(list(questions), len(questions))
     return shuffled[n_holdout:], shuffled[:n_holdout]
+
+
+def load_ood_questions(cfg: DataConfig) -> list[Question]:
+    """The labelled OOD questions a run scores every evaluated epoch (none if not asked for)."""
+    if cfg.ood_file is not None:
+        questions = load_questions_file(cfg.ood_file)
+    elif cfg.ood_task is not None:
+        questions = list(load_task(cfg.ood_task)[1])
+    else:
+        return []
+    return subset(questions, cfg.ood_limit, cfg.subset_seed + 2)

@@ -106,6 +106,20 @@ def ood_metrics(
     return result
 
 
+def detection_rows(
+    in_member_log_probs: ArrayLike, ood_member_log_probs: ArrayLike, **keys
+) -> list[dict]:
+    """metrics.jsonl rows (split 'ood_detection') of the AUROCs: one per member (its own
+    ``-max p``) and one for the ensemble with every score, each tagged with ``keys``."""
+    result = ood_metrics(in_member_log_probs, ood_member_log_probs)["auroc"]
+    rows = [
+        {**keys, "split": "ood_detection", "member": m, "neg_max_prob": value}
+        for m, value in enumerate(result["single (per member)"])
+    ]
+    rows.append({**keys, "split": "ood_detection", "member": "ensemble", **result["ensemble"]})
+    return rows
+
+
 def _labels(questions: Sequence[Question]) -> np.ndarray | None:
     """The answers as an array, or None unless every question has one."""
     if any(q.answer is None for q in questions):

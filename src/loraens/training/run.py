@@ -20,11 +20,17 @@ import torch
 from loraens.config import TrainConfig
 from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
 from loraens.data.records import Question
-from loraens.data.sources import default_batch_size, load_run_data, split_holdout
+from loraens.data.sources import (
+    default_batch_size,
+    load_ood_questions,
+    load_run_data,
+    split_holdout,
+)
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.report import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
 from loraens.methods.last_layer import save_last_layer_member, train_last_layer
+from loraens.methods.ood import detection_rows
 from loraens.models.loading import BaseModel, load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
@@ -117,6 +123,7 @@ class _Setup:
     train_set: EncodedQuestions
     eval_set: EncodedQuestions
     holdout_set: EncodedQuestions
+    ood_set: EncodedQuestions
     label_ids: torch.Tensor
     data_seeds: list[int]
     schedule: int | None
@@ -152,14 +159,17 @@ def _set_up(cfg: TrainConfig, run: RunDir) -> _Setup:
         train_qs, holdout_qs = split_holdout(
             train_qs, cfg.optim.holdout_fraction, cfg.data.subset_seed
         )
-    max_choices = max(len(q.choices) for q in train_qs + eval_qs)
+    ood_qs = load_ood_questions(cfg.data)
+    max_choices = max(len(q.choices) for q in train_qs + eval_qs + ood_qs)
     label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
 
     def encode(questions: list[Question]) -> EncodedQuestions:
         return encode_questions(base.tokenizer, questions, cfg.model.max_length)
 
     train_set, eval_set, holdout_set = encode(train_qs), encode(eval_qs), encode(holdout_qs)
-    if shortened := train_set.n_shortened + eval_set.n_shortened + holdout_set.n_shortened:
+    ood_set = encode(ood_qs)
+    encoded = (train_set, eval_set, holdout_set, ood_set)
+    if shortened := sum(e.n_shortened for e in encoded):
         log.warning(
             "%d prompts exceeded max_length=%d and had their question text shortened.",
             shortened,
@@ -176,6 +186,7 @@ def _set_up(cfg: TrainConfig, run: RunDir) -> _Setup:
         train_set=train_set,
         eval_set=eval_set,
         holdout_set=holdout_set,
+        ood_set=ood_set,
         label_ids=label_ids,
         data_seeds=member_seeds(seed, cfg.ensemble.members, "data", cfg.ensemble.vary_data_order),
         schedule=schedule_seed(seed) if cfg.data.group_by_length else None,
@@ -252,6 +263,8 @@ def _train_lora(s: _Setup) -> TrainResult:
                 member_log_probs = evaluate()
                 epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
                 state.rows += epoch_rows
+                if len(s.ood_set):
+                    state.rows += _ood_rows(member_log_probs, evaluate(s.ood_set), s.ood_set, epoch)
                 ens = epoch_rows[-1]
                 log.info(
                     "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
@@ -299,6 +312,18 @@ def _train_lora(s: _Setup) -> TrainResult:
     for m in range(n_trained):
         save_member(ensemble, m, run.member(m), base_model=cfg.model.name_or_path)
     return _finish(s, state, member_log_probs)
+
+
+def _ood_rows(
+    eval_log_probs: np.ndarray, ood_log_probs: np.ndarray, ood_set: EncodedQuestions, epoch: int
+) -> list[dict]:
+    """Fig. 5's per-epoch rows: metrics on the OOD set (if labelled) and how well it is told
+    apart from the eval set."""
+    rows = detection_rows(eval_log_probs, ood_log_probs, epoch=epoch + 1)
+    labels = np.asarray(ood_set.labels)
+    if (labels >= 0).all():
+        rows = metric_rows(ood_log_probs, labels, epoch=epoch + 1, split="ood") + rows
+    return rows
 
 
 def _finish(s: _Setup, state: TrainState, member_log_probs: np.ndarray) -> TrainResult:
