@@ -6,6 +6,7 @@ Every command also takes ``--config FILE.yaml`` (a preset such as ``configs/demo
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -271,6 +272,60 @@ def ablate_size(
         print(f"{row['size']:>4}{cells}")
 
 
+def experiment(
+    file: str,
+    out: str = "runs",
+    only: list[str] = [],  # noqa: B006 (read by jsonargparse, never mutated)
+    plan: bool = False,
+) -> None:
+    """Run every cell of an experiment file (e.g. experiments/cpu-small.yaml).
+
+    Finished cells are skipped and an interrupted one resumes from its checkpoint, so rerunning
+    the same command continues the experiment. Cells go to OUT/<name>/<task>/<cell>/seed-<s>.
+
+    Args:
+        file: Experiment YAML (see loraens.experiments.spec for the format).
+        out: Folder under which the experiment's folder is created.
+        only: Run only cells matching field=value[,value] (fields: task, cell, seed, kind;
+            values may use * wildcards), e.g. --only task=arce --only 'cell=kl*'.
+        plan: Print every selected cell and its status (done, partial, todo) and exit.
+    """
+    from loraens.experiments.runner import plan_table, run_experiment
+    from loraens.experiments.spec import load_experiment, select
+
+    spec = load_experiment(file)
+    cells = select(spec.cells, only)
+    if not cells:
+        raise ValueError(f"No cell of {file} matches --only {only}.")
+    if plan:
+        print(plan_table(spec, cells, Path(out)))
+        return
+    outcomes = run_experiment(spec, cells, Path(out))
+    done = [o for o in outcomes if o.status != "failed"]
+    print(f"\n{len(done)} of {len(outcomes)} cells complete under {Path(out) / spec.name}")
+    failed = [o for o in outcomes if o.status == "failed"]
+    if failed:
+        details = "; ".join(f"{o.cell.key}: {o.error}" for o in failed)
+        raise RuntimeError(f"{len(failed)} cell(s) failed ({details}). Fix and rerun.")
+
+
+def report(
+    runs: list[str],
+    out: str = "report",
+) -> None:
+    """Write an HTML report with the paper's figures (PNG) and tables (CSV) from finished runs.
+
+    Usage: loraens report RUN_OR_FOLDER... -o report/
+
+    Args:
+        runs: Run directories, or folders searched for them (e.g. runs/cpu-small).
+        out: Output folder (index.html, fig-*.png, *.csv).
+    """
+    from loraens.experiments.report import write_report
+
+    print(f"wrote {write_report([Path(r) for r in runs], Path(out))}")
+
+
 def tasks() -> None:
     """List the built-in tasks with their train and eval sizes."""
     from loraens.data.tasks import TASKS, split_sizes
@@ -281,6 +336,35 @@ def tasks() -> None:
         print(f"{name:<14}{n_train:>7}{n_eval:>7}{spec.paper_batch_size:>7}  {spec.description}")
 
 
+def _report_positionals(argv: list[str]) -> list[str]:
+    """`report A B -o DIR` -> `report --runs [A, B] --out DIR`: jsonargparse takes lists only
+    as one value, but a list of run folders reads best as plain arguments (shell globs work)."""
+    if not argv or argv[0] != "report" or "--runs" in argv:
+        return argv
+    runs, options, rest = [], [], iter(argv[1:])
+    for token in rest:
+        if token in ("-o", "--out", "--config"):
+            options += ["--out" if token == "-o" else token, next(rest, "")]
+        elif token.startswith("-"):
+            options.append(token)
+        else:
+            runs.append(token)
+    return ["report", *(["--runs", json.dumps(runs)] if runs else []), *options]
+
+
+def _repeated_only(argv: list[str]) -> list[str]:
+    """`--only a=1 --only b=2` -> `--only ["a=1", "b=2"]`: each --only adds a condition."""
+    if "--only" not in argv:
+        return argv
+    values, kept, tokens = [], [], iter(argv)
+    for token in tokens:
+        if token == "--only":
+            values.append(next(tokens, ""))
+        else:
+            kept.append(token)
+    return [*kept, "--only", json.dumps(values)]
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -288,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
         argv.remove("--debug")
     logging.basicConfig(level=logging.INFO, format="loraens: %(message)s")
     try:
-        CLI([train, evaluate, predict, few_shot, ood, ablate_size, tasks], args=argv)
+        commands = [train, evaluate, predict, few_shot, ood, ablate_size, experiment, report, tasks]
+        CLI(commands, args=_repeated_only(_report_positionals(argv)))
     except KeyboardInterrupt as interrupt:
         print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
         sys.exit(130)
@@ -296,7 +381,17 @@ def main(argv: list[str] | None = None) -> None:
         # Users get one actionable paragraph; --debug shows where it came from.
         if debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        import os
+
+        # Under torchrun every rank reports its own failure: say whose it is.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        where = f" (rank {os.environ.get('RANK', '?')} of {world})" if world > 1 else ""
+        print(f"error{where}: {err}", file=sys.stderr)
+        if "TORCHELASTIC_ERROR_FILE" in os.environ:
+            # torchrun's closing summary then names this error, not just an exit code.
+            from torch.distributed.elastic.multiprocessing.errors import ErrorHandler
+
+            ErrorHandler().record_exception(err)
         sys.exit(2)
 
 

@@ -230,6 +230,64 @@ def score_few_shot(
     return log_probs[0], encoding
 
 
+def few_shot_draws(
+    base_model: nn.Module,
+    tokenizer,
+    train: Sequence[Question],
+    evaluation: Sequence[Question],
+    k: int = DEFAULT_K,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    *,
+    runtime: Runtime | None = None,
+    max_length: int = 512,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> tuple[np.ndarray, dict]:
+    """Log p_T of the base model for each demonstration draw, shape (draws, N, K_max), and the
+    summary of :func:`evaluate_few_shot`."""
+    if draws < 1:
+        raise ValueError(f"draws must be >= 1, got {draws}")
+    if not evaluation:
+        raise ValueError("No eval questions.")
+    if any(q.answer is None for q in evaluation):
+        raise ValueError("Few-shot evaluation needs an answer for every eval question.")
+    if runtime is None:
+        runtime = Runtime(device=next(base_model.parameters()).device, autocast_dtype=None)
+    labels = np.asarray([q.answer for q in evaluation])
+    per_draw, all_log_probs = [], []
+    for draw in range(draws):
+        prompts = few_shot_prompts(train, evaluation, k, seed, draw)
+        log_probs, encoding = score_few_shot(
+            base_model,
+            tokenizer,
+            prompts,
+            runtime,
+            max_length=max_length,
+            batch_size=batch_size,
+            progress=progress,
+            desc=f"few-shot draw {draw + 1}/{draws}",
+        )
+        all_log_probs.append(log_probs)
+        per_draw.append(
+            {
+                "draw": draw,
+                **summarize(log_probs, labels),
+                "n_fewer_demos": encoding.n_fewer_demos,
+                "n_shortened": encoding.encoded.n_shortened,
+            }
+        )
+    summary = {
+        "k": k,
+        "draws": draws,
+        "seed": seed,
+        "per_draw": per_draw,
+        "mean": {m: float(np.mean([row[m] for row in per_draw])) for m in METRICS},
+        "std": {m: float(np.std([row[m] for row in per_draw])) for m in METRICS},
+    }
+    return np.stack(all_log_probs), summary
+
+
 def evaluate_few_shot(
     base_model: nn.Module,
     tokenizer,
@@ -246,50 +304,26 @@ def evaluate_few_shot(
 ) -> dict:
     """Few-shot metrics of the base model for each of ``draws`` demonstration draws.
 
-    Returns ``{"k", "draws", "seed", "per_draw": [...], "mean": {...}, "std": {...}}``. Each
-    per-draw row holds accuracy, nll, ece, brier, ``n_fewer_demos`` (prompts that dropped
-    demonstrations to fit ``max_length``) and ``n_shortened`` (zero-shot prompts whose question
-    text was shortened). ``std`` is the population std over draws (as in the report tables).
-    ``runtime`` defaults to fp32 on the model's device.
+    Takes the arguments of :func:`few_shot_draws`. Returns ``{"k", "draws", "seed",
+    "per_draw": [...], "mean": {...}, "std": {...}}``. Each per-draw row holds accuracy, nll,
+    ece, brier, ``n_fewer_demos`` (prompts that dropped demonstrations to fit ``max_length``)
+    and ``n_shortened`` (zero-shot prompts whose question text was shortened). ``std`` is the
+    population std over draws (as in the report tables). ``runtime`` defaults to fp32 on the
+    model's device.
     """
-    if draws < 1:
-        raise ValueError(f"draws must be >= 1, got {draws}")
-    if not evaluation:
-        raise ValueError("No eval questions.")
-    if any(q.answer is None for q in evaluation):
-        raise ValueError("Few-shot evaluation needs an answer for every eval question.")
-    if runtime is None:
-        runtime = Runtime(device=next(base_model.parameters()).device, autocast_dtype=None)
-    labels = np.asarray([q.answer for q in evaluation])
-    per_draw = []
-    for draw in range(draws):
-        prompts = few_shot_prompts(train, evaluation, k, seed, draw)
-        log_probs, encoding = score_few_shot(
-            base_model,
-            tokenizer,
-            prompts,
-            runtime,
-            max_length=max_length,
-            batch_size=batch_size,
-            progress=progress,
-            desc=f"few-shot draw {draw + 1}/{draws}",
-        )
-        per_draw.append(
-            {
-                "draw": draw,
-                **summarize(log_probs, labels),
-                "n_fewer_demos": encoding.n_fewer_demos,
-                "n_shortened": encoding.encoded.n_shortened,
-            }
-        )
-    return {
-        "k": k,
-        "draws": draws,
-        "seed": seed,
-        "per_draw": per_draw,
-        "mean": {m: float(np.mean([row[m] for row in per_draw])) for m in METRICS},
-        "std": {m: float(np.std([row[m] for row in per_draw])) for m in METRICS},
-    }
+    return few_shot_draws(
+        base_model,
+        tokenizer,
+        train,
+        evaluation,
+        k,
+        draws,
+        seed,
+        runtime=runtime,
+        max_length=max_length,
+        batch_size=batch_size,
+        progress=progress,
+    )[1]
 
 
 __all__ = [
@@ -301,6 +335,7 @@ __all__ = [
     "demonstration_text",
     "encode_few_shot",
     "evaluate_few_shot",
+    "few_shot_draws",
     "few_shot_prompts",
     "score_few_shot",
 ]

@@ -1,0 +1,137 @@
+"""`loraens experiment FILE`: run every cell of an experiment, skipping finished ones.
+
+A cell's directory is complete once its last file is written (summary.json for training,
+few_shot.json for few-shot), so a rerun skips it; an interrupted training cell continues from
+its last checkpoint (see loraens.training.run). A failing cell does not stop the others: the
+failures are listed at the end and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraens.experiments.spec import Cell, Experiment
+from loraens.io import write_json_atomic
+from loraens.rundir import RunDir, write_predictions
+
+log = logging.getLogger(__name__)
+
+CELL_FILE = "cell.json"
+FEW_SHOT_FILE = "few_shot.json"
+
+
+def cell_dir(root: Path, experiment: Experiment, cell: Cell) -> Path:
+    return root / experiment.name / cell.task / cell.name / f"seed-{cell.seed}"
+
+
+def cell_status(folder: Path, cell: Cell) -> str:
+    """'done', 'partial' (started, resumable) or 'todo'."""
+    done_marker = FEW_SHOT_FILE if cell.kind == "few_shot" else "summary.json"
+    if (folder / done_marker).exists():
+        return "done"
+    if (folder / "checkpoint" / "state.json").exists():
+        return "partial"
+    return "todo"
+
+
+@dataclass
+class CellOutcome:
+    cell: Cell
+    folder: Path
+    status: str  # done (now or before), skipped, failed
+    seconds: float = 0.0
+    error: str = ""
+
+
+def _cell_record(experiment: Experiment, cell: Cell) -> dict:
+    return {
+        "experiment": experiment.name,
+        "task": cell.task,
+        "cell": cell.name,
+        "seed": cell.seed,
+        "kind": cell.kind,
+    }
+
+
+def _run_training(cell: Cell, folder: Path) -> None:
+    from loraens.training.run import train_ensemble
+
+    train_ensemble(cell.config, folder)
+
+
+def _run_few_shot(cell: Cell, folder: Path) -> None:
+    from loraens.data.sources import load_run_data
+    from loraens.methods.few_shot import few_shot_draws
+    from loraens.models.loading import load_base_model
+    from loraens.runtime import resolve_runtime
+
+    cfg = cell.config
+    runtime = resolve_runtime(cfg.runtime.device, cfg.runtime.precision)
+    base = load_base_model(cfg.model.name_or_path, device=runtime.device)
+    train_qs, eval_qs = load_run_data(cfg.data)
+    log_probs, summary = few_shot_draws(
+        base.model,
+        base.tokenizer,
+        train_qs,
+        eval_qs,
+        k=cell.few_shot.get("k", 3),
+        draws=cell.few_shot.get("draws", 3),
+        seed=cell.seed,
+        runtime=runtime,
+        max_length=cell.few_shot.get("max_length", cfg.model.max_length),
+        batch_size=cfg.runtime.eval_batch_size,
+        progress=cfg.runtime.progress,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    RunDir(folder).write_config(cfg.to_dict())
+    # Draws take the members' place, so the report reads them like any run's predictions.
+    write_predictions(folder / "predictions.jsonl", eval_qs, log_probs)
+    summary.update(task=cell.task, model=cfg.model.name_or_path, eval_questions=len(eval_qs))
+    write_json_atomic(folder / FEW_SHOT_FILE, summary)  # last: marks the cell complete
+
+
+def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:
+    """Run ``cells`` (a selection of the experiment's) in order; return what happened to each."""
+    outcomes = []
+    for index, cell in enumerate(cells, start=1):
+        folder = cell_dir(root, experiment, cell)
+        label = f"[{index}/{len(cells)}] {cell.key}"
+        status = cell_status(folder, cell)
+        if status == "done":
+            if not (folder / CELL_FILE).exists():  # finished, then stopped before tagging
+                write_json_atomic(folder / CELL_FILE, _cell_record(experiment, cell))
+            log.info("%s: already complete, skipped", label)
+            outcomes.append(CellOutcome(cell, folder, "skipped"))
+            continue
+        log.info("%s: %s", label, "resuming" if status == "partial" else "running")
+        tick = time.perf_counter()
+        try:
+            if cell.kind == "few_shot":
+                _run_few_shot(cell, folder)
+            else:
+                _run_training(cell, folder)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(
+                f"Interrupted in cell {cell.key}. Rerun the same `loraens experiment` command to "
+                "continue: finished cells are skipped, this one resumes from its last checkpoint."
+            ) from None
+        except (ValueError, OSError, RuntimeError) as err:
+            log.error("%s failed: %s", label, err)
+            outcomes.append(CellOutcome(cell, folder, "failed", error=str(err)))
+            continue
+        write_json_atomic(folder / CELL_FILE, _cell_record(experiment, cell))
+        seconds = time.perf_counter() - tick
+        log.info("%s: done in %.0f s", label, seconds)
+        outcomes.append(CellOutcome(cell, folder, "done", seconds))
+    return outcomes
+
+
+def plan_table(experiment: Experiment, cells: list[Cell], root: Path) -> str:
+    lines = [f"{'status':<9}{'kind':<10}cell"]
+    for cell in cells:
+        status = cell_status(cell_dir(root, experiment, cell), cell)
+        lines.append(f"{status:<9}{cell.kind:<10}{cell.key}")
+    return "\n".join(lines)

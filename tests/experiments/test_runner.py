@@ -1,0 +1,153 @@
+"""Experiment files and the runner: grid expansion, selection, skipping, resuming, failures."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import loraens.training.run as run_module
+from loraens.cli.main import main
+from loraens.experiments.runner import cell_dir, cell_status, run_experiment
+from loraens.experiments.spec import ExperimentError, load_experiment, select
+from loraens.rundir import read_jsonl
+
+
+def _write(tmp_path: Path, spec: dict, name: str = "exp.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _tiny_spec(model_dir: Path, **cells) -> dict:
+    return {
+        "name": "tiny",
+        "base": {
+            "model": {"name_or_path": str(model_dir)},
+            "ensemble": {"members": 2},
+            "optim": {"epochs": 2, "lr": 1e-2, "batch_size": 4},
+            "data": {"train_limit": 8, "eval_limit": 4},
+            "runtime": {"progress": False, "precision": "fp32"},
+        },
+        "tasks": ["obqa"],
+        "cells": cells or {"none": {}, "few_shot": {"kind": "few_shot", "k": 1, "draws": 2}},
+    }
+
+
+def test_lists_expand_into_named_cells_with_their_own_tasks_and_seeds(tmp_path):
+    spec = {
+        "name": "grid",
+        "tasks": ["cqa", "obqa"],
+        "seeds": [0, 1],
+        "ood": "paper",
+        "cells": {
+            "none": {},
+            "b": {"optim.weight_decay": [100.0, 500.0], "optim.decay_target": "B"},
+            "rand": {"ensemble.vary_init": False, "tasks": ["cqa"], "seeds": [3]},
+            "fs": {"kind": "few_shot", "k": 3, "draws": 2},
+        },
+    }
+    cells = load_experiment(_write(tmp_path, spec)).cells
+    keys = [c.key for c in cells]
+    assert len(keys) == 4 + 8 + 1 + 4
+    assert "obqa/b-weight_decay=500/seed-1" in keys
+    assert [c.key for c in cells if c.name == "rand"] == ["cqa/rand/seed-3"]
+    b = next(c for c in cells if c.key == "cqa/b-weight_decay=100/seed-0")
+    assert (b.config.optim.weight_decay, b.config.optim.decay_target) == (100.0, "B")
+    assert b.config.data.task == "cqa" and b.config.data.ood_task == "mmlu"
+    obqa = next(c for c in cells if c.key == "obqa/none/seed-1")
+    assert obqa.config.data.ood_task is None and obqa.config.ensemble.seed == 1
+    few = next(c for c in cells if c.kind == "few_shot")
+    assert few.few_shot == {"k": 3, "draws": 2}
+
+
+@pytest.mark.parametrize(
+    "cells, message",
+    [
+        ({"x": {"optim.lrr": 1.0}}, "cell 'x': Unknown keys in config section 'optim'"),
+        ({"x": {"optim.lr": -1.0}}, "cell 'x': optim.lr must be > 0"),
+        ({"x": {"lr": 1.0}}, "cell 'x': 'lr' is not a 'section.field' key"),
+        ({"x": {"tasks": ["nope"]}}, "cell 'x': tasks: unknown task(s) ['nope']"),
+        ({"x": {"kind": "few_shot", "optim.lr": 1.0}}, "few_shot cells take"),
+        ({"x": {"kind": "zero_shot"}}, "kind must be 'train' or 'few_shot'"),
+    ],
+)
+def test_mistakes_name_the_file_and_the_cell(tmp_path, cells, message):
+    path = _write(tmp_path, {"name": "bad", "tasks": ["cqa"], "cells": cells})
+    with pytest.raises(ExperimentError) as err:
+        load_experiment(path)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_only_filters_by_every_field_with_wildcards(tmp_path):
+    spec = {"name": "g", "tasks": ["cqa", "obqa"], "cells": {"none": {}, "kl": {}, "klx": {}}}
+    cells = load_experiment(_write(tmp_path, spec)).cells
+    assert [c.key for c in select(cells, ["task=obqa", "cell=kl*"])] == [
+        "obqa/kl/seed-0",
+        "obqa/klx/seed-0",
+    ]
+    assert len(select(cells, ["task=cqa,obqa", "seed=0"])) == 6
+    with pytest.raises(ValueError, match="expected task="):
+        select(cells, ["model=x"])
+
+
+def test_shipped_experiments_parse():
+    root = Path(__file__).parents[2] / "experiments"
+    for name in ("paper.yaml", "cpu-small.yaml"):
+        assert load_experiment(root / name).cells
+
+
+def test_finished_cells_are_skipped_and_interrupted_ones_resume(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    experiment = load_experiment(_write(tmp_path, _tiny_spec(tiny_model_dir)))
+    train_cell, few_shot_cell = experiment.cells
+    out = tmp_path / "runs"
+
+    # Stop the training cell right after its first checkpoint, as Ctrl-C would.
+    real_save = run_module.save_checkpoint
+
+    def save_then_interrupt(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "save_checkpoint", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt, match="Rerun the same `loraens experiment`"):
+        run_experiment(experiment, experiment.cells, out)
+    train_dir = cell_dir(out, experiment, train_cell)
+    assert cell_status(train_dir, train_cell) == "partial"
+    monkeypatch.setattr(run_module, "save_checkpoint", real_save)
+
+    outcomes = run_experiment(experiment, experiment.cells, out)
+    assert [o.status for o in outcomes] == ["done", "done"]
+    assert json.loads((train_dir / "cell.json").read_text())["cell"] == "none"
+    few_dir = cell_dir(out, experiment, few_shot_cell)
+    assert len(read_jsonl(few_dir / "predictions.jsonl")[0]["member_probs"]) == 2  # draws
+
+    # The resumed cell equals one that ran without interruption.
+    fresh = run_experiment(experiment, [train_cell], tmp_path / "fresh")[0]
+    assert read_jsonl(fresh.folder / "metrics.jsonl") == read_jsonl(train_dir / "metrics.jsonl")
+
+    summary = (train_dir / "summary.json").stat().st_mtime_ns
+    again = run_experiment(experiment, experiment.cells, out)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert (train_dir / "summary.json").stat().st_mtime_ns == summary
+
+
+def test_a_failing_cell_does_not_stop_the_others(tiny_model_dir, tmp_path, capsys):
+    spec = _tiny_spec(
+        tiny_model_dir,
+        broken={"model.name_or_path": str(tmp_path / "missing-model")},
+        none={},
+    )
+    path = _write(tmp_path, spec)
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["experiment", str(path), "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "1 cell(s) failed (obqa/broken/seed-0:" in err and "missing-model" in err
+    assert (out / "tiny" / "obqa" / "none" / "seed-0" / "summary.json").exists()
+
+    main(["experiment", str(path), "--out", str(out), "--only", "cell=none", "--plan", "true"])
+    assert "done     train     obqa/none/seed-0" in capsys.readouterr().out
