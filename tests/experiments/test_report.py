@@ -1,0 +1,350 @@
+"""The report generator on synthetic run directories (no model, no training)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from loraens.config import TrainConfig
+from loraens.data.records import Question
+from loraens.evaluation.metrics import summarize
+from loraens.evaluation.report import METRICS, metric_rows, single_vs_ensemble
+from loraens.experiments.report import write_report
+from loraens.experiments.runs import collect_runs
+from loraens.io import write_json_atomic, write_jsonl_atomic
+from loraens.methods.ood import detection_rows
+from loraens.rundir import RunDir, write_predictions
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+N_CHOICES = 4
+
+
+# ----------------------------------------------------------------------------- synthetic runs
+
+
+def synthetic_questions(n: int, seed: int) -> list[Question]:
+    rng = np.random.default_rng(seed)
+    return [
+        Question(f"q{i}", f"question {i}", tuple("wxyz"), int(rng.integers(N_CHOICES)))
+        for i in range(n)
+    ]
+
+
+def synthetic_log_probs(
+    labels: np.ndarray, members: int, sharpness: float, rng: np.random.Generator
+) -> np.ndarray:
+    """(M, N, K) member log-probs from Dirichlet draws tilted towards the label, so accuracy
+    and confidence grow with ``sharpness`` like a run that trains."""
+    out = np.empty((members, len(labels), N_CHOICES))
+    for m in range(members):
+        for i, y in enumerate(labels):
+            alpha = np.full(N_CHOICES, 0.6)
+            alpha[y] += sharpness
+            out[m, i] = np.log(np.maximum(rng.dirichlet(alpha), 1e-9))
+    return out - np.log(np.exp(out).sum(axis=-1, keepdims=True))
+
+
+def write_train_run(
+    path: Path,
+    *,
+    task: str = "arce",
+    method: str = "lora",
+    members: int = 3,
+    epochs: int = 4,
+    seed: int = 0,
+    kl_beta: float = 0.0,
+    weight_decay: float = 0.01,
+    decay_target: str = "all",
+    dropout: float = 0.0,
+    vary_init: bool = True,
+    vary_data_order: bool = True,
+    ood_task: str | None = None,
+    n_eval: int = 40,
+    complete: bool = True,
+    cell: str | None = None,
+) -> Path:
+    """A training run directory in the format `loraens train` writes (plus ``cell.json``)."""
+    cfg = TrainConfig()
+    cfg.data.task, cfg.data.ood_task = task, ood_task
+    cfg.ensemble.method, cfg.ensemble.members, cfg.ensemble.seed = method, members, seed
+    cfg.ensemble.vary_init, cfg.ensemble.vary_data_order = vary_init, vary_data_order
+    cfg.optim.epochs, cfg.optim.lr, cfg.optim.batch_size = epochs, 1e-3, 8
+    cfg.optim.kl_beta, cfg.optim.weight_decay = kl_beta, weight_decay
+    cfg.optim.decay_target = decay_target
+    cfg.lora.dropout = dropout
+    run = RunDir(path)
+    path.mkdir(parents=True)
+    run.write_config(cfg.to_dict())
+    # Keyed by the whole config, so every setting gets its own numbers.
+    rng = np.random.default_rng(zlib.crc32(yaml.safe_dump(cfg.to_dict()).encode()))
+    questions = synthetic_questions(n_eval, seed=1)
+    labels = np.asarray([q.answer for q in questions])
+    ood_labels = rng.integers(N_CHOICES, size=n_eval // 2)
+    rows: list[dict] = []
+    for epoch in range(1, epochs + 1):
+        lp = synthetic_log_probs(labels, members, 0.2 + 0.35 * epoch, rng)
+        rows += [
+            {"epoch": epoch, "split": "train", "member": m, "loss": 1.0 / epoch}
+            for m in range(members)
+        ]
+        rows += metric_rows(lp, labels, epoch=epoch, split="eval")
+        if ood_task:
+            ood_lp = synthetic_log_probs(ood_labels, members, 0.3, rng)
+            rows += metric_rows(ood_lp, ood_labels, epoch=epoch, split="ood")
+            rows += detection_rows(lp, ood_lp, epoch=epoch)
+    write_jsonl_atomic(run.metrics, rows)
+    if cell is not None:
+        write_json_atomic(
+            path / "cell.json",
+            {"experiment": "synthetic", "task": task, "cell": cell, "seed": seed, "kind": "train"},
+        )
+    if complete:
+        write_predictions(run.predictions, questions, lp)
+        summary = {
+            "method": method,
+            "epochs_trained": epochs,
+            "epoch_kept": epochs,
+            "table": single_vs_ensemble(metric_rows(lp, labels)),
+            "train_questions": 64,
+            "eval_questions": n_eval,
+            "train_seconds": 1.0,
+            "train_tokens_per_second": 100.0,
+            "wall_seconds": 2.0,
+            "precision": "fp32",
+            "device": "cpu",
+        }
+        write_json_atomic(run.summary, summary)
+    return path
+
+
+def write_few_shot_run(path: Path, *, task: str = "arce", draws: int = 3, n_eval: int = 40) -> Path:
+    """A few-shot directory as the experiment runner writes it: draws play the members' part."""
+    rng = np.random.default_rng(7)
+    questions = synthetic_questions(n_eval, seed=1)
+    labels = np.asarray([q.answer for q in questions])
+    lp = synthetic_log_probs(labels, draws, 0.4, rng)
+    per_draw = [{"draw": d, **summarize(lp[d], labels)} for d in range(draws)]
+    path.mkdir(parents=True)
+    cfg = TrainConfig()
+    cfg.data.task = task
+    RunDir(path).write_config(cfg.to_dict())  # the runner writes it too: few_shot.json must win
+    write_predictions(RunDir(path).predictions, questions, lp)
+    write_json_atomic(
+        path / "few_shot.json",
+        {
+            "k": 3,
+            "draws": draws,
+            "seed": 0,
+            "per_draw": per_draw,
+            "mean": {m: float(np.mean([r[m] for r in per_draw])) for m in METRICS},
+            "std": {m: float(np.std([r[m] for r in per_draw])) for m in METRICS},
+            "task": task,
+            "model": "smollm2-135m",
+            "eval_questions": n_eval,
+        },
+    )
+    write_json_atomic(
+        path / "cell.json",
+        {
+            "experiment": "synthetic",
+            "task": task,
+            "cell": "few_shot",
+            "seed": 0,
+            "kind": "few_shot",
+        },
+    )
+    return path
+
+
+def make_synthetic_runs(root: Path) -> Path:
+    """Every kind of run the report knows, laid out as OUT/<experiment>/<task>/<cell>/seed-<s>."""
+    base = root / "synthetic"
+    arce = base / "arce"
+    for seed in (0, 1):
+        write_train_run(arce / "none" / f"seed-{seed}", seed=seed, cell="none")
+    write_train_run(arce / "kl" / "seed-0", kl_beta=0.05, cell="kl-kl_beta=0.05")
+    write_train_run(arce / "kl2" / "seed-0", kl_beta=0.1, cell="kl-kl_beta=0.1")
+    write_train_run(arce / "b_decay" / "seed-0", weight_decay=100.0, decay_target="B", cell="b")
+    write_train_run(arce / "last_layer" / "seed-0", method="last_layer", cell="last_layer")
+    write_train_run(arce / "mc" / "seed-0", method="mc_dropout", dropout=0.1, cell="mc")
+    write_train_run(arce / "lora_dropout" / "seed-0", dropout=0.1, cell="lora_dropout")
+    write_train_run(arce / "init_only" / "seed-0", vary_data_order=False, cell="init_only")
+    write_train_run(arce / "data_only" / "seed-0", vary_init=False, cell="data_only")
+    write_train_run(arce / "pool" / "seed-0", members=6, cell="pool")
+    write_train_run(arce / "crashed" / "seed-0", complete=False, cell="crashed")
+    write_few_shot_run(arce / "few_shot" / "seed-0")
+    # A second task with OOD rows; trained by hand, so without cell.json.
+    cqa = base / "cqa"
+    write_train_run(cqa / "none", task="cqa", ood_task="mmlu", epochs=3)
+    write_train_run(
+        cqa / "b_decay", task="cqa", ood_task="mmlu", epochs=3, weight_decay=100.0, decay_target="B"
+    )
+    return base
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC, path
+    assert len(data) > 5_000, f"{path} is suspiciously small ({len(data)} bytes)"
+
+
+EXPECTED_FIGURES = [
+    "fig-1a.png",
+    "fig-reliability-arce.png",
+    "fig-reliability-cqa.png",
+    "fig-2.png",
+    "fig-3.png",
+    "fig-4.png",
+    "fig-5.png",
+    "fig-6.png",
+    "fig-7.png",
+]
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("runs")
+    runs = make_synthetic_runs(root)
+    index = write_report([runs], tmp_path_factory.mktemp("report") / "out")
+    return runs, index
+
+
+# ----------------------------------------------------------------------------- tests
+
+
+def test_every_figure_is_a_png_referenced_by_the_page(full_report):
+    _, index = full_report
+    page = index.read_text()
+    for name in EXPECTED_FIGURES:
+        assert_png(index.parent / name)
+        assert f'<img src="{name}"' in page
+    assert "Failed" not in page
+    assert sorted(p.name for p in index.parent.glob("fig-*.png")) == sorted(EXPECTED_FIGURES)
+
+
+def test_page_has_table_1_and_lists_the_runs(full_report):
+    _, index = full_report
+    page = index.read_text()
+    assert "Table 1" in page and "last-layer ens." in page
+    assert "Found 13 finished training run(s) and 1 few-shot run(s)" in page
+    assert "incomplete (no summary.json)" in page  # the crashed run is listed as ignored
+
+
+def test_classification_by_config(full_report):
+    runs, _ = full_report
+    rs = collect_runs([runs])
+    labels = {(r.task, r.label, r.seed) for r in rs.train}
+    assert ("arce", "none", 1) in labels
+    assert ("arce", "KL β=0.05", 0) in labels
+    assert ("arce", "B-decay λ=100", 0) in labels
+    assert ("arce", "MC dropout 0.1", 0) in labels
+    assert ("arce", "LoRA ens. + dropout 0.1", 0) in labels
+    assert ("arce", "none [init only]", 0) in labels
+    assert ("arce", "none [data only]", 0) in labels
+    assert ("arce", "last-layer ens.", 0) in labels
+    ref = rs.reference("arce")
+    assert ref is not None and ref.first.members == 3 and ref.seeds == [0, 1]
+    assert all("crashed" not in str(r.path) for r in rs.train)
+
+
+def test_runs_csv_has_a_row_per_run(full_report):
+    _, index = full_report
+    rows = read_csv(index.parent / "runs.csv")
+    assert len(rows) == 14  # 13 training runs + 1 few-shot
+    assert {"path", "task", "regulariser", "ensemble_accuracy", "single_ece"} <= set(rows[0])
+    few = [r for r in rows if r["kind"] == "few_shot"]
+    assert len(few) == 1 and few[0]["ensemble_accuracy"] == ""  # draws are not an ensemble
+    kl = next(r for r in rows if r["regulariser"] == "KL β=0.05")
+    assert 0 <= float(kl["ensemble_ece"]) <= 1
+
+
+def test_epochs_csv_holds_every_evaluation_row(full_report):
+    runs, index = full_report
+    rows = read_csv(index.parent / "epochs.csv")
+    assert {r["split"] for r in rows} == {"eval", "ood", "ood_detection"}
+    # 12 arce runs (incl. 2 seeds) x 4 epochs x (M + 1) + the 6-member pool; cqa has OOD rows.
+    arce_eval = [r for r in rows if r["task"] == "arce" and r["split"] == "eval"]
+    assert len(arce_eval) == 10 * 4 * 4 + 4 * 7
+    auroc = [r for r in rows if r["split"] == "ood_detection" and r["member"] == "ensemble"]
+    assert len(auroc) == 2 * 3 and all(r["mutual_information"] != "" for r in auroc)
+
+
+def test_table1_and_size_csvs(full_report):
+    _, index = full_report
+    table = read_csv(index.parent / "table1.csv")
+    assert [(r["task"], r["method"]) for r in table] == [
+        ("arce", "LoRA ens."),
+        ("arce", "last-layer ens."),
+    ]
+    assert table[0]["seeds"] == "0 1"
+    size = read_csv(index.parent / "size.csv")
+    arce = [r for r in size if r["task"] == "arce"]
+    assert [int(r["size"]) for r in arce] == list(range(1, 7))
+    assert all(r["pool_size"] == "6" for r in arce)
+    assert float(arce[-1]["std_accuracy"]) == 0.0  # M = pool: every draw is the full pool
+
+
+def test_partial_runs_still_give_a_report_that_says_what_is_missing(tmp_path):
+    write_train_run(tmp_path / "runs" / "only-none")
+    index = write_report([tmp_path / "runs"], tmp_path / "report")
+    page = index.read_text()
+    assert "Table 1 needs a last_layer run and a LoRA run on the same task" in page
+    assert "mc_dropout" in page and "data.ood_task" in page
+    for name in ("fig-reliability-arce.png", "fig-2.png", "fig-3.png", "fig-6.png"):
+        assert_png(tmp_path / "report" / name)
+        assert f'<img src="{name}"' in page
+    for name in ("fig-1a.png", "fig-4.png", "fig-5.png", "fig-7.png"):
+        assert not (tmp_path / "report" / name).exists()
+    assert "Failed" not in page
+    assert len(read_csv(tmp_path / "report" / "table1.csv")) == 0
+
+
+def test_rerun_in_the_same_folder_drops_figures_no_longer_drawn(tmp_path, full_report):
+    runs, _ = full_report
+    out = tmp_path / "report"
+    write_report([runs], out)
+    assert (out / "fig-7.png").exists()
+    write_report([runs / "arce" / "none"], out)
+    assert not (out / "fig-7.png").exists()
+
+
+def test_a_run_directory_itself_can_be_given(full_report, tmp_path):
+    runs, _ = full_report
+    index = write_report([runs / "arce" / "none" / "seed-0"], tmp_path / "one")
+    assert "Found 1 finished training run(s)" in index.read_text()
+
+
+def test_only_incomplete_runs_is_an_error_naming_the_paths(tmp_path):
+    write_train_run(tmp_path / "runs" / "crashed", complete=False)
+    # A few-shot cell that never finished: only its cell.json exists.
+    write_json_atomic(tmp_path / "runs" / "few" / "cell.json", {"kind": "few_shot", "seed": 0})
+    rs = collect_runs([tmp_path / "runs"])
+    assert sorted(why for _, why in rs.ignored) == [
+        "incomplete (no few_shot.json)",
+        "incomplete (no summary.json)",
+    ]
+    with pytest.raises(ValueError, match="No finished runs found in .*runs"):
+        write_report([tmp_path / "runs"], tmp_path / "report")
+    with pytest.raises(ValueError, match="nowhere"):
+        write_report([tmp_path / "nowhere"], tmp_path / "report")
+
+
+def test_synthetic_config_round_trips(tmp_path):
+    """The builder writes configs the package itself can read back."""
+    path = write_train_run(tmp_path / "run", kl_beta=0.05)
+    TrainConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text()))
+    assert json.loads((path / "summary.json").read_text())["method"] == "lora"
