@@ -24,6 +24,10 @@ class ModelConfig:
     max_length: int = 512
     """Longest prompt in tokens (the paper's tasks need at most 466 with SmolLM2's tokenizer);
     longer questions are shortened, their choices and the answer cue kept intact."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Dtype of the frozen base weights in memory: auto is bf16 when the run computes in bf16 on
+    a GPU (half the memory of fp32), fp32 otherwise. LoRA weights, AdamW states, loss and
+    metrics stay float32 whatever this is."""
 
     def __post_init__(self):
         _require(self.max_length >= 16, f"model.max_length must be >= 16, got {self.max_length}")
@@ -173,6 +177,10 @@ class RuntimeConfig:
     """Evaluate every this many epochs (the last epoch is always evaluated)."""
     progress: bool = True
     """Show progress bars."""
+    dist_timeout: float = 10.0
+    """Distributed runs (torchrun): minutes a rank waits for the others at a collective before
+    failing. Must exceed the slowest gap between collectives (loading the model, rank 0
+    writing a checkpoint)."""
 
     def __post_init__(self):
         _require(
@@ -181,6 +189,7 @@ class RuntimeConfig:
         )
         _require(self.eval_batch_size >= 1, "runtime.eval_batch_size must be >= 1")
         _require(self.eval_every >= 1, "runtime.eval_every must be >= 1")
+        _require(self.dist_timeout > 0, "runtime.dist_timeout must be > 0 (minutes)")
 
 
 @dataclass

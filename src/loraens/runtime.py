@@ -48,3 +48,26 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if precision not in dtypes:
         raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}.")
     return Runtime(device=dev, autocast_dtype=dtypes[precision])
+
+
+def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
+    """Dtype to hold the frozen base weights in (``model.dtype``).
+
+    Half-precision weights halve the memory of the largest tensors of a run; they are only
+    sensible where the forward already runs in half precision, so "auto" picks bf16 on a CUDA
+    device with bf16 autocast and fp32 everywhere else, and half weights under fp32 compute
+    are refused rather than silently computing in half precision.
+    """
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if dtype == "auto":
+        on_gpu_bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype == torch.bfloat16
+        return torch.bfloat16 if on_gpu_bf16 else torch.float32
+    if dtype not in dtypes:
+        raise ValueError(f"model.dtype must be one of auto, fp32, bf16, fp16; got {dtype!r}.")
+    if dtypes[dtype] != torch.float32 and runtime.autocast_dtype is None:
+        raise ValueError(
+            f"model.dtype={dtype} keeps the base weights in half precision, so its matmuls "
+            f"cannot run in fp32 as runtime.precision=fp32 asks: use --runtime.precision "
+            f"{dtype} (or auto on a GPU), or --model.dtype fp32."
+        )
+    return dtypes[dtype]

@@ -337,9 +337,9 @@ def tasks() -> None:
 
 
 def _report_positionals(argv: list[str]) -> list[str]:
-    """`report A B -o DIR` -> `report --runs [A, B] --out DIR`: jsonargparse takes lists only
-    as one value, but a list of run folders reads best as plain arguments (shell globs work)."""
-    if not argv or argv[0] != "report" or "--runs" in argv:
+    """`report A B -o DIR` -> `report '["A", "B"]' --out DIR`: jsonargparse takes a list only as
+    one value, but run folders read best as plain arguments (shell globs work)."""
+    if not argv or argv[0] != "report":
         return argv
     runs, options, rest = [], [], iter(argv[1:])
     for token in rest:
@@ -349,7 +349,7 @@ def _report_positionals(argv: list[str]) -> list[str]:
             options.append(token)
         else:
             runs.append(token)
-    return ["report", *(["--runs", json.dumps(runs)] if runs else []), *options]
+    return ["report", *([json.dumps(runs)] if runs else []), *options]
 
 
 def _repeated_only(argv: list[str]) -> list[str]:

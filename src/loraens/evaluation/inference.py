@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ def score_members(
     mc_dropout_passes: int = 1,
     progress: bool = False,
     desc: str = "eval",
+    questions: Sequence[int] | None = None,
 ) -> np.ndarray:
     """Log p_T (Eq. 1) of every member on every question: (members·passes, questions, options).
 
@@ -40,7 +42,8 @@ def score_members(
     all of their answer distributions; options a question does not have are -inf. With
     ``mc_dropout_passes`` > 1 adapter dropout stays on and each member's rows are replicated
     that many times more: every copy draws its own dropout mask, giving MC dropout's stochastic
-    passes in the same single forward.
+    passes in the same single forward. ``questions`` limits scoring to those question indices
+    (a rank's share in a distributed run); the other questions' rows stay -inf.
     """
     n = len(encoded)
     n_labels = max(encoded.n_choices)
@@ -49,9 +52,10 @@ def score_members(
     model = ensemble.model
     was_training = model.training
     model.eval()
+    pool = np.arange(n) if questions is None else np.asarray(questions, dtype=int)
     # Longest prompts first: each batch is then padded to lengths close to its own.
-    order = np.argsort([-len(ids) for ids in encoded.input_ids], kind="stable")
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    order = pool[np.argsort([-len(encoded.input_ids[i]) for i in pool], kind="stable")]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     slices = member_slices(ensemble.n_members, members_per_pass)
     dropout = ensemble.dropout_active() if passes > 1 else contextlib.nullcontext()
     try:

@@ -6,6 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
@@ -20,8 +21,26 @@ class AdapterError(ValueError):
     """An adapter folder is missing, malformed, or does not fit the base model."""
 
 
-def save_member(ensemble: LoRAEnsemble, member: int, folder: Path, base_model: str) -> None:
-    """Write member ``member`` as a PEFT LoRA adapter folder, atomically."""
+def save_member(
+    ensemble: LoRAEnsemble,
+    member: int,
+    folder: Path,
+    base_model: str,
+    stacked: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Write member ``member`` as a PEFT LoRA adapter folder, atomically.
+
+    ``stacked`` (``{layer}.lora_A``/``.lora_B`` tensors of every member, as a distributed run
+    gathers them on rank 0) replaces the ensemble's own weights, which hold only that rank's
+    members.
+    """
+    if stacked is None:
+        state = ensemble.member_state_dict(member)
+    else:
+        state = {
+            f"base_model.model.{key}.weight": tensor[member].float().contiguous()
+            for key, tensor in stacked.items()
+        }
     config = LoraConfig(
         r=ensemble.rank,
         lora_alpha=ensemble.alpha,
@@ -33,7 +52,7 @@ def save_member(ensemble: LoRAEnsemble, member: int, folder: Path, base_model: s
     )
     with atomic_path(folder) as tmp:
         config.save_pretrained(tmp)
-        save_file(ensemble.member_state_dict(member), tmp / ADAPTER_WEIGHTS, {"format": "pt"})
+        save_file(state, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
 
 
 def read_adapter_config(folder: Path) -> dict:
