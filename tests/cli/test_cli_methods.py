@@ -38,6 +38,7 @@ def test_methods_write_the_same_run_directory(
     assert {r["member"] for r in rows if r["epoch"] == 2} == {0, 1, 2, "ensemble"}
     prediction = read_jsonl(out / "predictions.jsonl")[0]
     assert len(prediction["member_probs"]) == 3  # M passes / members averaged
+    assert json.loads((out / "summary.json").read_text())["epochs_trained"] == 2
     assert json.loads((out / "summary.json").read_text())["method"] == method
     if method == "mc_dropout":  # evaluate replays the M stochastic passes
         main(

@@ -447,6 +447,7 @@ def _train_last_layer(s: _Setup) -> TrainResult:
         on_epoch=on_epoch,
     )
     state.train_seconds = time.perf_counter() - tick
+    state.epochs_done = cfg.optim.epochs
     for m in range(ensemble.n_members):
         save_last_layer_member(ensemble, m, run.member(m))
     return _finish(s, state, final["log_probs"])
