@@ -7,6 +7,7 @@ from conftest import make_questions, train_argv
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl
+from loraens.methods.ood import SCORES
 from loraens.rundir import read_jsonl
 
 
@@ -62,7 +63,7 @@ def test_ood_and_size_ablation_commands(tiny_model_dir, questions_files, tmp_pat
     report = tmp_path / "ood.json"
     main(["ood", str(out), "--ood_file", str(ood_file), "--output", str(report)])
     result = json.loads(report.read_text())
-    assert set(result["auroc"]["ensemble"]) == {"neg_max_prob", "entropy", "mutual_information"}
+    assert set(result["auroc"]["ensemble"]) == set(SCORES)
     assert "AUROC" in capsys.readouterr().out
 
     main(["ablate_size", str(out), "--sizes", "[1, 2, 3]", "--draws", "3"])

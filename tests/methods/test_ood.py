@@ -7,7 +7,7 @@ from conftest import make_questions, tiny_llama, tiny_tokenizer
 
 from loraens.data.tasks import TASKS
 from loraens.evaluation.evaluate import LoadedEnsemble
-from loraens.methods.ood import OOD_PAIRS, evaluate_ood, ood_metrics
+from loraens.methods.ood import OOD_PAIRS, SCORES, evaluate_ood, ood_metrics
 from loraens.models.loading import BaseModel
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
@@ -38,11 +38,22 @@ def test_flat_ood_against_confident_in_distribution_is_detected():
     assert auroc["single (mean)"]["neg_max_prob"] == pytest.approx(1.0)
 
 
+def test_normalized_entropy_is_blind_to_the_number_of_options():
+    # An unsure model is flat on both sets; only the option count differs (cqa 5, mmlu 4).
+    # Raw -max p and entropy "detect" the 4-option set perfectly backwards; H / log K ties.
+    in_dist = np.full((2, 30, 5), -np.log(5.0))
+    ood = np.full((2, 20, 5), -np.inf)
+    ood[..., :4] = -np.log(4.0)
+    auroc = ood_metrics(in_dist, ood)["auroc"]["ensemble"]
+    assert auroc["neg_max_prob"] == 0.0 and auroc["entropy"] == 0.0
+    assert auroc["normalized_entropy"] == pytest.approx(0.5)
+
+
 def test_same_distribution_gives_chance_auroc():
     rng = np.random.default_rng(1)
     both = _random_members(rng, 4, 4000, 4, temperature=1.5)
     auroc = ood_metrics(both[:, :2000], both[:, 2000:])["auroc"]
-    for name in ("neg_max_prob", "entropy", "mutual_information"):
+    for name in SCORES:
         assert auroc["ensemble"][name] == pytest.approx(0.5, abs=0.04)
     assert auroc["single (mean)"]["neg_max_prob"] == pytest.approx(0.5, abs=0.04)
 

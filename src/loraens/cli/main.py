@@ -191,7 +191,8 @@ def ood(
 
     Reports accuracy, NLL, ECE and Brier on the OOD set, and OOD-detection AUROC (OOD is the
     positive class) between the run's own eval split and the OOD set, scored by -max p (the
-    paper's), predictive entropy and mutual information (epistemic uncertainty).
+    paper's), predictive entropy, entropy / log K (comparable when the two sets have different
+    numbers of options) and mutual information (epistemic uncertainty).
 
     Args:
         run: Run directory written by `loraens train`.

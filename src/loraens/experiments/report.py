@@ -53,7 +53,7 @@ RUN_COLUMNS = [
 
 EPOCH_COLUMNS = [
     "path", "task", "epoch", "split", "member", *METRICS,
-    "neg_max_prob", "entropy", "mutual_information",
+    "neg_max_prob", "entropy", "normalized_entropy", "mutual_information",
 ]  # fmt: skip
 EPOCH_SPLITS = ("eval", "holdout", "ood", "ood_detection")
 

@@ -6,8 +6,9 @@ Two things are measured on an OOD question set, for a model fine-tuned on anothe
   the single members (mean and std), when the OOD questions have answers;
 - OOD detection: AUROC of telling OOD questions (positive class) from the in-distribution eval
   questions, with a score where higher means "more OOD". The paper's score is ``-max p`` of the
-  ensemble (Hendrycks & Gimpel); we add the ensemble's predictive entropy and the members'
-  mutual information (epistemic uncertainty), and ``-max p`` of the single members.
+  ensemble (Hendrycks & Gimpel); we add the ensemble's predictive entropy, that entropy over
+  log K (comparable across option counts K), the members' mutual information (epistemic
+  uncertainty), and ``-max p`` of the single members.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from loraens.evaluation.report import metric_rows, single_vs_ensemble
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
 
 # Keys of the "auroc" table: which uncertainty score was used to rank questions.
-SCORES = ("neg_max_prob", "entropy", "mutual_information")
+SCORES = ("neg_max_prob", "entropy", "normalized_entropy", "mutual_information")
 MI_DECIMALS = 12
 
 
@@ -43,6 +44,11 @@ def _members(log_probs: ArrayLike, name: str) -> np.ndarray:
     return lp
 
 
+def _n_options(log_probs: np.ndarray) -> np.ndarray:
+    """Options per question: padded options have log p = -inf. At least 2, so log K > 0."""
+    return np.maximum(np.isfinite(log_probs).sum(axis=-1), 2)
+
+
 def ood_scores(member_log_probs: ArrayLike) -> dict[str, np.ndarray]:
     """Per-question OOD scores of an ensemble (higher = more OOD), each of shape (N,)."""
     lp = _members(member_log_probs, "member_log_probs")
@@ -50,6 +56,12 @@ def ood_scores(member_log_probs: ArrayLike) -> dict[str, np.ndarray]:
     return {
         "neg_max_prob": -max_prob(ens),
         "entropy": predictive_entropy(ens),
+        # Entropy over log K: when the two sets have different numbers of options (cqa's 5 vs
+        # mmlu's 4), -max p and entropy mostly rank by K for an unsure model; this does not.
+        # Rounded like MI, so that equal uncertainty ties exactly whatever the rounding of log K.
+        "normalized_entropy": np.round(
+            predictive_entropy(ens) / np.log(_n_options(ens)), MI_DECIMALS
+        ),
         # MI is a difference of nearly equal entropies: members that agree leave ±1e-16 noise,
         # which would rank questions at random. Rounding makes agreement an exact tie.
         "mutual_information": np.round(np.maximum(mutual_information(lp), 0.0), MI_DECIMALS),
