@@ -348,3 +348,14 @@ def test_synthetic_config_round_trips(tmp_path):
     path = write_train_run(tmp_path / "run", kl_beta=0.05)
     TrainConfig.from_dict(yaml.safe_load((path / "config.yaml").read_text()))
     assert json.loads((path / "summary.json").read_text())["method"] == "lora"
+
+
+def test_cli_takes_run_folders_as_plain_arguments(full_report, tmp_path, capsys):
+    from loraens.cli.main import main
+
+    runs, _ = full_report
+    arce, cqa = sorted(p for p in runs.iterdir() if p.is_dir())[:2]
+    main(["report", str(arce), str(cqa), "-o", str(tmp_path / "r")])
+    assert f"wrote {tmp_path / 'r' / 'index.html'}" in capsys.readouterr().out
+    page = (tmp_path / "r" / "index.html").read_text()
+    assert f"Searched: {arce}, {cqa}" in page
