@@ -33,13 +33,16 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available here.")
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": None, **_HALF}
     if precision == "auto":
         if dev.type == "cuda":
             precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -58,7 +61,7 @@ def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
     device with bf16 autocast and fp32 everywhere else, and half weights under fp32 compute
     are refused rather than silently computing in half precision.
     """
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    dtypes = {"fp32": torch.float32, **_HALF}
     if dtype == "auto":
         on_gpu_bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype == torch.bfloat16
         return torch.bfloat16 if on_gpu_bf16 else torch.float32

@@ -16,7 +16,7 @@ from loraens.methods.few_shot import (
     base_model_as_ensemble,
     demonstration_text,
     encode_few_shot,
-    evaluate_few_shot,
+    few_shot_draws,
     few_shot_prompts,
     score_few_shot,
 )
@@ -142,7 +142,7 @@ def test_zero_adapter_scores_equal_the_base_model_and_restore_it(splits, tiny):
 def test_evaluate_few_shot_reports_each_draw_and_their_mean_and_std(splits, tiny):
     model, tokenizer = tiny
     train, evaluation = splits
-    result = evaluate_few_shot(
+    _, result = few_shot_draws(
         model, tokenizer, train, evaluation, k=2, draws=3, seed=0, runtime=FP32, batch_size=8
     )
     assert (result["k"], result["draws"], result["seed"]) == (2, 3, 0)

@@ -148,7 +148,7 @@ def few_shot(
     from loraens.data.sources import load_run_data
     from loraens.evaluation.report import METRICS
     from loraens.io import write_json_atomic
-    from loraens.methods.few_shot import evaluate_few_shot
+    from loraens.methods.few_shot import few_shot_draws
     from loraens.models.loading import load_base_model
     from loraens.runtime import resolve_runtime
 
@@ -157,7 +157,7 @@ def few_shot(
     train_qs, eval_qs = load_run_data(
         DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed)
     )
-    result = evaluate_few_shot(
+    _, result = few_shot_draws(
         base.model,
         base.tokenizer,
         train_qs,

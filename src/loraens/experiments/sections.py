@@ -60,6 +60,9 @@ class Section:
     tables: list[tuple[list[str], list[dict]]] = field(default_factory=list)  # (columns, rows)
     notes: list[str] = field(default_factory=list)  # what is missing
 
+    def add_figure(self, out: Output, fig: Figure, name: str, caption: str) -> None:
+        self.images.append((out.save_figure(fig, name), caption))
+
 
 class Output(Protocol):
     """The report folder, as the builders write into it."""
@@ -174,13 +177,13 @@ def _reliability_sections(rs: RunSet, out: Output) -> Section:
             ],
             footer,
         )
-        section.images.append(
-            (
-                out.save_figure(fig, f"fig-reliability-{task}.png"),
-                f"{task}: accuracy per confidence bin ({RELIABILITY_BINS} bins) of member 0 and "
-                f"of the ensemble of {rs.relative(ref.first.path)} (first seed). ECE in the "
-                f"titles uses the same {RELIABILITY_BINS} bins. {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            f"fig-reliability-{task}.png",
+            f"{task}: accuracy per confidence bin ({RELIABILITY_BINS} bins) of member 0 and "
+            f"of the ensemble of {rs.relative(ref.first.path)} (first seed). ECE in the "
+            f"titles uses the same {RELIABILITY_BINS} bins. {footer}",
         )
     return section
 
@@ -269,14 +272,14 @@ def _fig_1a(rs: RunSet, out: Output) -> Section:
     if panels:
         footer = provenance(used, used_few)
         fig = figures.confidence_figure(panels, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-1a.png"),
-                "Histogram densities (20 shared bins on [0, 1]) of max p on wrongly answered "
-                "eval questions. Few-shot pools all draws; LoRA (M=1) is member 0 of the "
-                "unregularised run; the regularised ensemble uses the strength with the lowest "
-                f"ensemble NLL. {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-1a.png",
+            "Histogram densities (20 shared bins on [0, 1]) of max p on wrongly answered "
+            "eval questions. Few-shot pools all draws; LoRA (M=1) is member 0 of the "
+            "unregularised run; the regularised ensemble uses the strength with the lowest "
+            f"ensemble NLL. {footer}",
         )
     return section
 
@@ -328,14 +331,14 @@ def _fig_2(rs: RunSet, out: Output) -> Section:
         fig = figures.arrows_figure(
             panels, footer, "ensemble (M=" + "/".join(map(str, sorted(members))) + ")"
         )
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-2.png"),
-                "Tail: mean of the single members; head: the ensemble (final epoch of each run, "
-                "averaged over seeds). Early-stop arrows are the unregularised run's eval rows "
-                f"at epochs {', '.join(map(str, EARLY_STOP_EPOCHS))} (constant learning rate, so "
-                f"stopping there gives the same members). {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-2.png",
+            "Tail: mean of the single members; head: the ensemble (final epoch of each run, "
+            "averaged over seeds). Early-stop arrows are the unregularised run's eval rows "
+            f"at epochs {', '.join(map(str, EARLY_STOP_EPOCHS))} (constant learning rate, so "
+            f"stopping there gives the same members). {footer}",
         )
     return section
 
@@ -397,13 +400,12 @@ def _fig_3(rs: RunSet, out: Output) -> Section:
     if rows:
         footer = provenance(used)
         fig = figures.training_curves_figure(rows, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-3.png"),
-                "Eval metrics per evaluated epoch, averaged over seeds. When several B-decay "
-                "strengths were run, the one with the lowest final ensemble NLL is shown. "
-                + footer,
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-3.png",
+            "Eval metrics per evaluated epoch, averaged over seeds. When several B-decay "
+            "strengths were run, the one with the lowest final ensemble NLL is shown. " + footer,
         )
     return section
 
@@ -486,12 +488,12 @@ def _fig_4(rs: RunSet, out: Output) -> Section:
     if rows:
         footer = provenance(used)
         fig = figures.dropout_figure(rows, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-4.png"),
-                "MC dropout averages M stochastic passes of one adapter (dashed: mean of the "
-                f"single passes); LoRA ens. + dropout trains M adapters with dropout. {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-4.png",
+            "MC dropout averages M stochastic passes of one adapter (dashed: mean of the "
+            f"single passes); LoRA ens. + dropout trains M adapters with dropout. {footer}",
         )
     return section
 
@@ -540,15 +542,15 @@ def _fig_5(rs: RunSet, out: Output) -> Section:
     if rows:
         footer = provenance(used)
         fig = figures.ood_figure(rows, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-5.png"),
-                "Rows: trained on the task left of the arrow, tested on the one right of it. "
-                "One line pair per regulariser family: the strength with the lowest "
-                "in-distribution ensemble NLL. "
-                "AUROC treats OOD as the positive class with score −max p (single: mean of the "
-                f"members' AUROCs). {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-5.png",
+            "Rows: trained on the task left of the arrow, tested on the one right of it. "
+            "One line pair per regulariser family: the strength with the lowest "
+            "in-distribution ensemble NLL. "
+            "AUROC treats OOD as the positive class with score −max p (single: mean of the "
+            f"members' AUROCs). {footer}",
         )
     return section
 
@@ -612,13 +614,13 @@ def _fig_6(rs: RunSet, out: Output) -> Section:
     if rows:
         footer = provenance(used)
         fig = figures.ensemble_size_figure(rows, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-6.png"),
-                f"For each M, {SIZE_DRAWS} random size-M subsets of the task's largest trained "
-                "pool (its final epoch, from predictions.jsonl); band: ± 1 std over the "
-                f"subsets. Numbers in size.csv. {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-6.png",
+            f"For each M, {SIZE_DRAWS} random size-M subsets of the task's largest trained "
+            "pool (its final epoch, from predictions.jsonl); band: ± 1 std over the "
+            f"subsets. Numbers in size.csv. {footer}",
         )
     return section
 
@@ -668,12 +670,12 @@ def _fig_7(rs: RunSet, out: Output) -> Section:
     if panels:
         footer = provenance(used)
         fig = figures.randomness_figure(panels, footer)
-        section.images.append(
-            (
-                out.save_figure(fig, "fig-7.png"),
-                "Bars: final ensemble metric (error bar: std over seeds); diamonds: mean of the "
-                f"single members. The y axes are zoomed and do not start at 0. {footer}",
-            )
+        section.add_figure(
+            out,
+            fig,
+            "fig-7.png",
+            "Bars: final ensemble metric (error bar: std over seeds); diamonds: mean of the "
+            f"single members. The y axes are zoomed and do not start at 0. {footer}",
         )
     return section
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import itertools
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,6 @@ from loraens.config import TrainConfig
 from loraens.data.tasks import TASKS
 from loraens.methods.ood import OOD_PAIRS
 
-_CELL_KEYS = {"tasks", "seeds", "kind"}
 _FEW_SHOT_KEYS = {"k", "draws", "max_length"}
 _TOP_KEYS = {"name", "description", "base", "tasks", "seeds", "ood", "cells"}
 
@@ -197,8 +197,6 @@ def load_experiment(path: str | Path) -> Experiment:
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Cells matching every ``field=value[,value...]`` filter (values may use * wildcards)."""
-    from fnmatch import fnmatchcase
-
     chosen = cells
     for condition in only:
         name, sep, values = condition.partition("=")

@@ -244,8 +244,15 @@ def few_shot_draws(
     batch_size: int = 32,
     progress: bool = False,
 ) -> tuple[np.ndarray, dict]:
-    """Log p_T of the base model for each demonstration draw, shape (draws, N, K_max), and the
-    summary of :func:`evaluate_few_shot`."""
+    """The few-shot baseline: log p_T of the base model for each demonstration draw, shape
+    (draws, N, K_max), and the metrics of each draw with their mean and std.
+
+    The summary is ``{"k", "draws", "seed", "per_draw": [...], "mean": {...}, "std": {...}}``.
+    Each per-draw row holds accuracy, nll, ece, brier, ``n_fewer_demos`` (prompts that dropped
+    demonstrations to fit ``max_length``) and ``n_shortened`` (zero-shot prompts whose question
+    text was shortened). ``std`` is the population std over draws (as in the report tables).
+    ``runtime`` defaults to fp32 on the model's device.
+    """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     if not evaluation:
@@ -288,44 +295,6 @@ def few_shot_draws(
     return np.stack(all_log_probs), summary
 
 
-def evaluate_few_shot(
-    base_model: nn.Module,
-    tokenizer,
-    train: Sequence[Question],
-    evaluation: Sequence[Question],
-    k: int = DEFAULT_K,
-    draws: int = DEFAULT_DRAWS,
-    seed: int = 0,
-    *,
-    runtime: Runtime | None = None,
-    max_length: int = 512,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> dict:
-    """Few-shot metrics of the base model for each of ``draws`` demonstration draws.
-
-    Takes the arguments of :func:`few_shot_draws`. Returns ``{"k", "draws", "seed",
-    "per_draw": [...], "mean": {...}, "std": {...}}``. Each per-draw row holds accuracy, nll,
-    ece, brier, ``n_fewer_demos`` (prompts that dropped demonstrations to fit ``max_length``)
-    and ``n_shortened`` (zero-shot prompts whose question text was shortened). ``std`` is the
-    population std over draws (as in the report tables). ``runtime`` defaults to fp32 on the
-    model's device.
-    """
-    return few_shot_draws(
-        base_model,
-        tokenizer,
-        train,
-        evaluation,
-        k,
-        draws,
-        seed,
-        runtime=runtime,
-        max_length=max_length,
-        batch_size=batch_size,
-        progress=progress,
-    )[1]
-
-
 __all__ = [
     "ANSWER_CLOSE",
     "DEMO_SEPARATOR",
@@ -334,7 +303,6 @@ __all__ = [
     "base_model_as_ensemble",
     "demonstration_text",
     "encode_few_shot",
-    "evaluate_few_shot",
     "few_shot_draws",
     "few_shot_prompts",
     "score_few_shot",

@@ -17,6 +17,15 @@ import torch
 from torch import nn
 
 
+def peft_member_state(stacked: dict[str, torch.Tensor], member: int) -> dict[str, torch.Tensor]:
+    """One member's slice of :meth:`LoRAEnsemble.stacked_adapters`-shaped tensors, under the key
+    names PEFT uses in adapter files."""
+    return {
+        f"base_model.model.{key}.weight": tensor[member].float().contiguous()
+        for key, tensor in stacked.items()
+    }
+
+
 class EnsembleLoRALinear(nn.Module):
     """A frozen ``nn.Linear`` plus one low-rank update per ensemble member."""
 
@@ -133,14 +142,18 @@ class LoRAEnsemble(nn.Module):
             for layer, mode in zip(self.lora_layers.values(), previous, strict=True):
                 layer.dropout.train(mode)
 
+    def stacked_adapters(self) -> dict[str, torch.Tensor]:
+        """Every member's A and B, stacked by member, as ``{layer}.lora_A`` / ``.lora_B``
+        (detached views of the parameters)."""
+        return {
+            f"{name}.lora_{which}": getattr(layer, f"lora_{which}").detach()
+            for name, layer in self.lora_layers.items()
+            for which in ("A", "B")
+        }
+
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """Member ``member``'s weights under the key names PEFT uses in adapter files."""
-        state = {}
-        for name, layer in self.lora_layers.items():
-            prefix = f"base_model.model.{name}"
-            state[f"{prefix}.lora_A.weight"] = layer.lora_A[member].detach().float().contiguous()
-            state[f"{prefix}.lora_B.weight"] = layer.lora_B[member].detach().float().contiguous()
-        return state
+        return peft_member_state(self.stacked_adapters(), member)
 
     def load_member_state_dict(self, member: int, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.member_state_dict(member))

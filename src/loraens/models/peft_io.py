@@ -11,7 +11,7 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 
 from loraens.io import atomic_path
-from loraens.models.lora import LoRAEnsemble
+from loraens.models.lora import LoRAEnsemble, peft_member_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -34,13 +34,7 @@ def save_member(
     gathers them on rank 0) replaces the ensemble's own weights, which hold only that rank's
     members.
     """
-    if stacked is None:
-        state = ensemble.member_state_dict(member)
-    else:
-        state = {
-            f"base_model.model.{key}.weight": tensor[member].float().contiguous()
-            for key, tensor in stacked.items()
-        }
+    state = peft_member_state(ensemble.stacked_adapters() if stacked is None else stacked, member)
     config = LoraConfig(
         r=ensemble.rank,
         lora_alpha=ensemble.alpha,

@@ -46,11 +46,7 @@ class TrainState:
 
 def stacked_tensors(ensemble: LoRAEnsemble) -> dict[str, torch.Tensor]:
     """Every member's adapters as stacked CPU tensors: a snapshot later training leaves alone."""
-    return {
-        f"{name}.lora_{which}": getattr(layer, f"lora_{which}").detach().cpu().clone()
-        for name, layer in ensemble.lora_layers.items()
-        for which in ("A", "B")
-    }
+    return {k: v.cpu().clone() for k, v in ensemble.stacked_adapters().items()}
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
