@@ -127,7 +127,7 @@ def _read_checkpoint(folder: Path, ensemble: LoRAEnsemble, n_members: int) -> tu
             f"wrote it)."
         )
     tensors = load_file(folder / "adapters.safetensors")
-    expected = {k: (n_members, *v.shape[1:]) for k, v in stacked_tensors(ensemble).items()}
+    expected = {k: (n_members, *v.shape[1:]) for k, v in ensemble.stacked_adapters().items()}
     if set(tensors) != set(expected) or any(
         tuple(tensors[k].shape) != shape for k, shape in expected.items()
     ):
