@@ -7,7 +7,7 @@ from conftest import make_questions, train_argv
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl
-from loraens.methods.ood import SCORES
+from loraens.evaluation.ood import SCORES
 from loraens.rundir import read_jsonl
 
 

@@ -14,11 +14,11 @@ import yaml
 from loraens.config import TrainConfig
 from loraens.data.records import Question
 from loraens.evaluation.metrics import summarize
-from loraens.evaluation.report import METRICS, metric_rows, single_vs_ensemble
+from loraens.evaluation.ood import detection_rows
+from loraens.evaluation.tables import METRICS, metric_rows, single_vs_ensemble
 from loraens.experiments.report import write_report
 from loraens.experiments.runs import collect_runs
 from loraens.io import write_json_atomic, write_jsonl_atomic
-from loraens.methods.ood import detection_rows
 from loraens.rundir import RunDir, write_predictions
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

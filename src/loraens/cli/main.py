@@ -76,7 +76,7 @@ def evaluate(
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
     from loraens.evaluation.evaluate import evaluate_run, load_run, questions_for
-    from loraens.evaluation.report import format_table
+    from loraens.evaluation.tables import format_table
     from loraens.io import write_jsonl_atomic
 
     questions = questions_for(task, file, require_answer=True)
@@ -144,11 +144,11 @@ def few_shot(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
+    from loraens.baselines.few_shot import few_shot_draws
     from loraens.config import DataConfig
     from loraens.data.sources import load_run_data
-    from loraens.evaluation.report import METRICS
+    from loraens.evaluation.tables import METRICS
     from loraens.io import write_json_atomic
-    from loraens.methods.few_shot import few_shot_draws
     from loraens.models.loading import load_base_model
     from loraens.runtime import resolve_runtime
 
@@ -209,9 +209,9 @@ def ood(
     from loraens.config import DataConfig
     from loraens.data.sources import load_run_data, subset
     from loraens.evaluation.evaluate import load_run, questions_for
-    from loraens.evaluation.report import format_table
+    from loraens.evaluation.ood import OOD_PAIRS, evaluate_ood
+    from loraens.evaluation.tables import format_table
     from loraens.io import write_json_atomic
-    from loraens.methods.ood import OOD_PAIRS, evaluate_ood
     from loraens.rundir import RunDir
 
     data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
@@ -263,8 +263,8 @@ def ablate_size(
         draws: Random subsets per size, drawn without replacement from the pool.
         seed: Seed of the draws.
     """
-    from loraens.evaluation.report import METRICS
-    from loraens.methods.ablations import ablate_run_size
+    from loraens.evaluation.tables import METRICS
+    from loraens.experiments.size_ablation import ablate_run_size
 
     rows = ablate_run_size(run, sizes=tuple(sizes), draws=draws, seed=seed)
     print(f"{'M':>4}" + "".join(f"{m:>20}" for m in METRICS))

@@ -13,7 +13,7 @@ from loraens.data.prompts import LETTERS, encode_questions, label_token_ids
 from loraens.data.records import Question
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
-from loraens.evaluation.report import metric_rows, single_vs_ensemble
+from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
 from loraens.models.loading import BaseModel, load_base_model
 from loraens.models.lora import LoRAEnsemble

@@ -424,7 +424,7 @@ def ood_figure(rows: Mapping[str, Sequence[Series]], footer: str) -> Figure:
 def ensemble_size_figure(rows: Mapping[str, Sequence[Mapping]], footer: str) -> Figure:
     """Fig. 6: ensemble metrics vs M (mean ± std over random subsets), rows = tasks.
 
-    ``rows[task]`` are :func:`loraens.methods.ablations.ensemble_size_ablation` rows.
+    ``rows[task]`` are :func:`loraens.experiments.size_ablation.ensemble_size_ablation` rows.
     """
     metrics = ("accuracy", "nll", "ece")
     fig, axes = _grid(len(rows), len(metrics), 3.2, 2.5)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from loraens.evaluation.report import METRICS
+from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
 from loraens.experiments.runs import RunSet, collect_runs
 from loraens.experiments.sections import SECTIONS, Output, Section

@@ -63,8 +63,8 @@ def _run_training(cell: Cell, folder: Path) -> None:
 
 
 def _run_few_shot(cell: Cell, folder: Path) -> None:
+    from loraens.baselines.few_shot import few_shot_draws
     from loraens.data.sources import load_run_data
-    from loraens.methods.few_shot import few_shot_draws
     from loraens.models.loading import load_base_model
     from loraens.runtime import resolve_runtime
 

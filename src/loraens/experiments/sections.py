@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from loraens.evaluation.metrics import ensemble_log_probs, reliability_bins, summarize
-from loraens.evaluation.report import METRICS
+from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
 from loraens.experiments.figures import Arrow, Bar, ConfidenceSet, Series, family_color
 from loraens.experiments.runs import (
@@ -38,7 +38,11 @@ from loraens.experiments.runs import (
     is_plain_lora,
     provenance,
 )
-from loraens.methods.ablations import PredictionPool, ensemble_size_ablation, read_prediction_pool
+from loraens.experiments.size_ablation import (
+    PredictionPool,
+    ensemble_size_ablation,
+    read_prediction_pool,
+)
 
 __all__ = ["SECTIONS", "Output", "Section"]
 

@@ -34,7 +34,7 @@ import yaml
 
 from loraens.config import TrainConfig
 from loraens.data.tasks import TASKS
-from loraens.methods.ood import OOD_PAIRS
+from loraens.evaluation.ood import OOD_PAIRS
 
 _FEW_SHOT_KEYS = {"k", "draws", "max_length"}
 _TOP_KEYS = {"name", "description", "base", "tasks", "seeds", "ood", "cells"}

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraens.baselines.last_layer import save_last_layer_member, train_last_layer
 from loraens.config import TrainConfig
 from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
 from loraens.data.records import Question
@@ -32,10 +33,9 @@ from loraens.data.sources import (
 )
 from loraens.distributed import Dist, env_world_size, launch
 from loraens.evaluation.inference import score_members
-from loraens.evaluation.report import format_table, metric_rows, single_vs_ensemble
+from loraens.evaluation.ood import detection_rows
+from loraens.evaluation.tables import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
-from loraens.methods.last_layer import save_last_layer_member, train_last_layer
-from loraens.methods.ood import detection_rows
 from loraens.models.loading import BaseModel, load_base_model, resolve_model_path
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member

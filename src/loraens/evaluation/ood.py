@@ -27,7 +27,7 @@ from loraens.evaluation.metrics import (
     mutual_information,
     predictive_entropy,
 )
-from loraens.evaluation.report import metric_rows, single_vs_ensemble
+from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 
 # Train task -> the task whose eval split is its OOD test set (§5.1).
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
@@ -86,7 +86,7 @@ def ood_metrics(
          "ood": single-vs-ensemble table on the OOD set        (only with ood_labels),
          "in_distribution": the same table on the in set       (only with in_labels)}
 
-    The tables have the shape of :func:`loraens.evaluation.report.single_vs_ensemble`, so
+    The tables have the shape of :func:`loraens.evaluation.tables.single_vs_ensemble`, so
     ``format_table`` prints them. A single member's AUROC uses its own ``-max p``; the mean over
     members is what the paper's solid "LoRA (M=1)" lines show. Mutual information is zero for
     identical members (or M = 1), so its AUROC is then 0.5.

@@ -14,7 +14,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
-from loraens.evaluation.report import METRICS
+from loraens.evaluation.tables import METRICS
 from loraens.rundir import RunDir, read_jsonl
 
 DEFAULT_SIZES = (1, 3, 5, 10, 15)

@@ -5,7 +5,7 @@ import pytest
 from conftest import make_questions
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
-from loraens.methods.ablations import (
+from loraens.experiments.size_ablation import (
     ablate_run_size,
     draw_subsets,
     ensemble_size_ablation,

@@ -8,10 +8,7 @@ import torch
 from conftest import make_questions, tiny_llama, tiny_tokenizer
 from torch import nn
 
-from loraens.data.prompts import encode_prompt, format_prompt, label_token_ids
-from loraens.data.records import Question
-from loraens.evaluation.metrics import normalize_label_log_probs
-from loraens.methods.few_shot import (
+from loraens.baselines.few_shot import (
     DEMO_SEPARATOR,
     base_model_as_ensemble,
     demonstration_text,
@@ -20,6 +17,9 @@ from loraens.methods.few_shot import (
     few_shot_prompts,
     score_few_shot,
 )
+from loraens.data.prompts import encode_prompt, format_prompt, label_token_ids
+from loraens.data.records import Question
+from loraens.evaluation.metrics import normalize_label_log_probs
 from loraens.models.scoring import answer_hidden_states, label_logits
 from loraens.runtime import Runtime
 

@@ -41,7 +41,7 @@ from loraens.data.prompts import (
 from loraens.data.records import Question
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.metrics import summarize
-from loraens.evaluation.report import METRICS
+from loraens.evaluation.tables import METRICS
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 from conftest import make_questions, tiny_llama, tiny_tokenizer
 
+from loraens.baselines.last_layer import LastLayerEnsemble, train_last_layer
 from loraens.config import OptimConfig, TrainConfig
 from loraens.data.prompts import encode_questions, label_token_ids
 from loraens.evaluation.inference import score_members
-from loraens.methods.last_layer import LastLayerEnsemble, train_last_layer
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import answer_features, vocab_log_probs
 from loraens.runtime import Runtime
