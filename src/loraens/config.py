@@ -53,6 +53,25 @@ class LoRAConfig:
         _require(len(self.target_modules) > 0, "lora.target_modules must name at least one layer")
 
 
+# The one list of ensemble.method values and what each means. Where they are implemented:
+# lora in loraens.training; last_layer in loraens.baselines.last_layer; mc_dropout is LoRA
+# training of one adapter whose dropout stays on at test time (EnsembleConfig.trained_adapters
+# and passes_per_adapter below, score_members' mc_dropout_passes in loraens.evaluation.inference).
+ENSEMBLE_METHODS: dict[str, str] = {
+    "lora": "M independently trained LoRA members (the paper's method).",
+    "mc_dropout": (
+        "one LoRA adapter trained with lora.dropout, averaged over M stochastic passes with "
+        "dropout kept on (baseline, §5.1)."
+    ),
+    "last_layer": (
+        "M copies of the LM-head rows of the answer letters fine-tuned alone (untied from the "
+        "input embeddings), the base model otherwise frozen (baseline, Table 1)."
+    ),
+}
+# The same names as a type, for the CLI's choices and YAML validation (a test keeps them equal).
+EnsembleMethod = Literal["lora", "mc_dropout", "last_layer"]
+
+
 @dataclass
 class EnsembleConfig:
     """How many members, and where their diversity comes from."""
@@ -65,14 +84,22 @@ class EnsembleConfig:
     """Give each member its own A initialisation (off: all members start identical)."""
     vary_data_order: bool = True
     """Give each member its own data shuffling (off: all members see the same order)."""
-    method: Literal["lora", "mc_dropout", "last_layer"] = "lora"
-    """lora: M independently trained LoRA members (the paper's method). mc_dropout: one LoRA
-    adapter trained with lora.dropout, averaged over M stochastic passes with dropout kept on.
-    last_layer: M copies of the LM-head rows of the answer letters fine-tuned alone (untied
-    from the input embeddings), the base model otherwise frozen."""
+    method: EnsembleMethod = "lora"
+    """lora: the paper's M independently trained LoRA members; mc_dropout and last_layer are
+    its baselines (what each trains and averages: loraens.config.ENSEMBLE_METHODS)."""
 
     def __post_init__(self):
         _require(self.members >= 1, f"ensemble.members must be >= 1, got {self.members}")
+
+    @property
+    def trained_adapters(self) -> int:
+        """Members trained: MC dropout trains one adapter, the other methods M."""
+        return 1 if self.method == "mc_dropout" else self.members
+
+    @property
+    def passes_per_adapter(self) -> int:
+        """Scoring passes per trained member: M stochastic passes for MC dropout, else one."""
+        return self.members // self.trained_adapters
 
 
 @dataclass

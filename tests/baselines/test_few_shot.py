@@ -5,7 +5,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 from torch import nn
 
 from loraens.baselines.few_shot import (

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import train_argv
+from helpers import train_argv
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 

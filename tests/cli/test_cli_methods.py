@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import make_questions, train_argv
+from helpers import make_questions, train_argv
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl

@@ -1,5 +1,5 @@
 import pytest
-from conftest import tiny_tokenizer
+from helpers import tiny_tokenizer
 from transformers import PreTrainedTokenizerFast
 
 from loraens.data.prompts import (

@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 
 from loraens.data.tasks import TASKS
 from loraens.evaluation.evaluate import LoadedEnsemble
-from loraens.evaluation.ood import OOD_PAIRS, SCORES, evaluate_ood, ood_metrics
+from loraens.evaluation.ood import OOD_PAIRS, SCORES, evaluate_ood, ood_metrics, ood_partner
 from loraens.models.loading import BaseModel
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
@@ -119,3 +119,13 @@ def test_evaluate_ood_scores_a_loaded_ensemble():
     assert set(result["ood"]) == {"single (mean)", "single (std)", "ensemble (M=2)"}
     unlabelled = [q.__class__(q.id, q.question, q.choices, None) for q in ood_qs]
     assert "ood" not in evaluate_ood(loaded, in_qs, unlabelled, batch_size=4)
+
+
+def test_ood_partner_is_the_papers_pair_or_an_actionable_error():
+    assert [ood_partner(t) for t in ("cqa", "mmlu-ss", "mmlu-stem")] == [
+        "mmlu",
+        "mmlu-not-ss",
+        "mmlu-not-stem",
+    ]
+    with pytest.raises(ValueError, match="--ood_task or --ood_file"):
+        ood_partner("arce")

@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import make_questions
+from helpers import make_questions
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
 from loraens.experiments.size_ablation import (

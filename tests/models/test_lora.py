@@ -2,7 +2,7 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_llama
+from helpers import tiny_llama
 from peft import PeftModel
 
 from loraens.models.lora import LoRAEnsemble

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 from torch import nn
 
 from loraens.data.batching import collate

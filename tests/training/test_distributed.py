@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import make_questions, train_argv
+from helpers import make_questions, train_argv
 from safetensors.torch import load_file
 
 from loraens.cli.main import main

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import make_questions
+from helpers import make_questions
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl

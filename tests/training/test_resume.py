@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_questions, train_argv
+from helpers import make_questions, train_argv
 from safetensors.torch import load_file
 
 from loraens.cli.main import main

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 from peft import LoraConfig, get_peft_model
 from torch.nn import functional as F
 

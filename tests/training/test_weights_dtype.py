@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import train_argv
+from helpers import train_argv
 from safetensors.torch import load_file
 
 from loraens.cli.main import main

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraens.config import DataConfig, RuntimeConfig
 from loraens.data.prompts import (
     LETTERS,
     EncodedQuestions,
@@ -39,11 +40,13 @@ from loraens.data.prompts import (
     label_token_ids,
 )
 from loraens.data.records import Question
+from loraens.data.sources import load_run_data
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.metrics import summarize
 from loraens.evaluation.tables import METRICS
+from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
-from loraens.runtime import Runtime
+from loraens.runtime import Runtime, resolve_runtime
 
 DEFAULT_K = 3
 DEFAULT_DRAWS = 10
@@ -295,15 +298,63 @@ def few_shot_draws(
     return np.stack(all_log_probs), summary
 
 
+@dataclass(frozen=True)
+class FewShotResult:
+    """The few-shot baseline on a data set: what was scored and what came out."""
+
+    eval_questions: list[Question]
+    log_probs: np.ndarray
+    """(draws, N, K_max) log p_T of the base model, one row per demonstration draw."""
+    summary: dict
+    """The metrics of :func:`few_shot_draws`."""
+
+
+def run_few_shot(
+    model: str,
+    data: DataConfig,
+    runtime: RuntimeConfig,
+    *,
+    k: int = DEFAULT_K,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    max_length: int = 512,
+) -> FewShotResult:
+    """Load the base ``model`` and the questions of ``data`` and score :func:`few_shot_draws`:
+    the whole baseline, as the ``few_shot`` command and experiment cells run it.
+
+    ``data``'s train split supplies the demonstrations and its eval split is scored; ``runtime``
+    gives the device, precision, eval batch size and progress bars.
+    """
+    train_qs, eval_qs = load_run_data(data)
+    resolved = resolve_runtime(runtime.device, runtime.precision)
+    base = load_base_model(model, device=resolved.device)
+    log_probs, summary = few_shot_draws(
+        base.model,
+        base.tokenizer,
+        train_qs,
+        eval_qs,
+        k=k,
+        draws=draws,
+        seed=seed,
+        runtime=resolved,
+        max_length=max_length,
+        batch_size=runtime.eval_batch_size,
+        progress=runtime.progress,
+    )
+    return FewShotResult(eval_qs, log_probs, summary)
+
+
 __all__ = [
     "ANSWER_CLOSE",
     "DEMO_SEPARATOR",
     "FewShotEncoding",
     "FewShotPrompt",
+    "FewShotResult",
     "base_model_as_ensemble",
     "demonstration_text",
     "encode_few_shot",
     "few_shot_draws",
     "few_shot_prompts",
+    "run_few_shot",
     "score_few_shot",
 ]

@@ -144,36 +144,26 @@ def few_shot(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.baselines.few_shot import few_shot_draws
-    from loraens.config import DataConfig
-    from loraens.data.sources import load_run_data
+    from loraens.baselines.few_shot import run_few_shot
     from loraens.evaluation.tables import METRICS
     from loraens.io import write_json_atomic
-    from loraens.models.loading import load_base_model
-    from loraens.runtime import resolve_runtime
 
-    runtime = resolve_runtime(device, precision)
-    base = load_base_model(model, device=runtime.device)
-    train_qs, eval_qs = load_run_data(
-        DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed)
-    )
-    _, result = few_shot_draws(
-        base.model,
-        base.tokenizer,
-        train_qs,
-        eval_qs,
+    result = run_few_shot(
+        model,
+        DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed),
+        RuntimeConfig(device=device, precision=precision, progress=True),
         k=k,
         draws=draws,
         seed=seed,
-        runtime=runtime,
         max_length=max_length,
-        progress=True,
     )
-    print(f"\n{k}-shot {task}, {len(eval_qs)} questions, {draws} draws (mean ± std)")
+    summary = result.summary
+    n_eval = len(result.eval_questions)
+    print(f"\n{k}-shot {task}, {n_eval} questions, {draws} draws (mean ± std)")
     for metric in METRICS:
-        print(f"  {metric:<9}{result['mean'][metric]:.4f} ± {result['std'][metric]:.4f}")
+        print(f"  {metric:<9}{summary['mean'][metric]:.4f} ± {summary['std'][metric]:.4f}")
     if output:
-        write_json_atomic(output, result)
+        write_json_atomic(output, summary)
 
 
 def ood(
@@ -206,42 +196,26 @@ def ood(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.config import DataConfig
-    from loraens.data.sources import load_run_data, subset
-    from loraens.evaluation.evaluate import load_run, questions_for
-    from loraens.evaluation.ood import OOD_PAIRS, evaluate_ood
+    from loraens.evaluation.ood import evaluate_run_ood
     from loraens.evaluation.tables import format_table
     from loraens.io import write_json_atomic
-    from loraens.rundir import RunDir
 
-    data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
-    in_questions = load_run_data(data_cfg)[1]
-    if ood_task is None and ood_file is None:
-        if data_cfg.task not in OOD_PAIRS:
-            raise ValueError(
-                f"The run's task {data_cfg.task!r} has no OOD partner in the paper; "
-                f"give --ood_task or --ood_file."
-            )
-        ood_task = OOD_PAIRS[data_cfg.task]
-    ood_questions = questions_for(ood_task, ood_file, require_answer=False)
-    in_questions, ood_questions = (
-        subset(in_questions, limit, seed),
-        subset(ood_questions, limit, seed),
-    )
-    result = evaluate_ood(
-        load_run(run, device, precision),
-        in_questions,
-        ood_questions,
+    evaluated = evaluate_run_ood(
+        run,
+        ood_task,
+        ood_file,
+        limit=limit,
+        seed=seed,
         batch_size=batch_size,
+        device=device,
+        precision=precision,
         progress=True,
     )
-    name = ood_task or ood_file
+    name, result = evaluated.ood_set, evaluated.metrics
     if "ood" in result:
-        print(
-            format_table(result["ood"], title=f"\nOOD set {name}: {len(ood_questions)} questions")
-        )
+        print(format_table(result["ood"], title=f"\nOOD set {name}: {result['n_ood']} questions"))
     auroc = result["auroc"]
-    print(f"\nOOD detection AUROC ({len(in_questions)} in-distribution vs {name}):")
+    print(f"\nOOD detection AUROC ({result['n_in']} in-distribution vs {name}):")
     for score, value in auroc["ensemble"].items():
         print(f"  ensemble, {score:<20}{value:.4f}")
     print(f"  single (mean), neg_max_prob   {auroc['single (mean)']['neg_max_prob']:.4f}")
@@ -374,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="loraens: %(message)s")
     try:
         commands = [train, evaluate, predict, few_shot, ood, ablate_size, experiment, report, tasks]
-        CLI(commands, args=_repeated_only(_report_positionals(argv)))
+        CLI(commands, args=_repeated_only(_report_positionals(argv)), prog="loraens")
     except KeyboardInterrupt as interrupt:
         print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)
         sys.exit(130)

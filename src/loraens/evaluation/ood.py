@@ -14,12 +14,16 @@ Two things are measured on an OOD question set, for a model fine-tuned on anothe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from loraens.config import DataConfig
 from loraens.data.records import Question
-from loraens.evaluation.evaluate import LoadedEnsemble, score_questions
+from loraens.data.sources import load_run_data, subset
+from loraens.evaluation.evaluate import LoadedEnsemble, load_run, questions_for, score_questions
 from loraens.evaluation.metrics import (
     auroc,
     ensemble_log_probs,
@@ -28,6 +32,7 @@ from loraens.evaluation.metrics import (
     predictive_entropy,
 )
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
+from loraens.rundir import RunDir
 
 # Train task -> the task whose eval split is its OOD test set (§5.1).
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
@@ -157,3 +162,56 @@ def evaluate_ood(
     lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
     lp_out = score_questions(loaded, ood_questions, batch_size=batch_size, progress=progress)
     return ood_metrics(lp_in, lp_out, _labels(ood_questions), _labels(in_questions))
+
+
+def ood_partner(task: str | None) -> str:
+    """The paper's OOD task for a run trained on ``task`` (:data:`OOD_PAIRS`)."""
+    if task not in OOD_PAIRS:
+        raise ValueError(
+            f"The run's task {task!r} has no OOD partner in the paper; "
+            f"give --ood_task or --ood_file."
+        )
+    return OOD_PAIRS[task]
+
+
+@dataclass(frozen=True)
+class RunOOD:
+    """:func:`evaluate_ood` of a run, and the name of the OOD set it was given."""
+
+    ood_set: str
+    """The OOD task or file."""
+    metrics: dict
+    """What :func:`ood_metrics` returns."""
+
+
+def evaluate_run_ood(
+    run: str | Path,
+    ood_task: str | None = None,
+    ood_file: str | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = False,
+) -> RunOOD:
+    """OOD evaluation of a trained run against its own eval split (the ``ood`` command).
+
+    The OOD set is ``ood_task``'s eval split or the questions of ``ood_file``; with neither, the
+    paper's partner of the run's task (:func:`ood_partner`). ``limit`` scores a random subset of
+    at most that many questions from each set, drawn with ``seed``.
+    """
+    data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
+    in_questions = load_run_data(data_cfg)[1]
+    if ood_task is None and ood_file is None:
+        ood_task = ood_partner(data_cfg.task)
+    ood_questions = questions_for(ood_task, ood_file, require_answer=False)
+    metrics = evaluate_ood(
+        load_run(run, device, precision),
+        subset(in_questions, limit, seed),
+        subset(ood_questions, limit, seed),
+        batch_size=batch_size,
+        progress=progress,
+    )
+    return RunOOD(ood_task or ood_file, metrics)

@@ -63,32 +63,23 @@ def _run_training(cell: Cell, folder: Path) -> None:
 
 
 def _run_few_shot(cell: Cell, folder: Path) -> None:
-    from loraens.baselines.few_shot import few_shot_draws
-    from loraens.data.sources import load_run_data
-    from loraens.models.loading import load_base_model
-    from loraens.runtime import resolve_runtime
+    from loraens.baselines.few_shot import run_few_shot
 
     cfg = cell.config
-    runtime = resolve_runtime(cfg.runtime.device, cfg.runtime.precision)
-    base = load_base_model(cfg.model.name_or_path, device=runtime.device)
-    train_qs, eval_qs = load_run_data(cfg.data)
-    log_probs, summary = few_shot_draws(
-        base.model,
-        base.tokenizer,
-        train_qs,
-        eval_qs,
+    result = run_few_shot(
+        cfg.model.name_or_path,
+        cfg.data,
+        cfg.runtime,
         k=cell.few_shot.get("k", 3),
         draws=cell.few_shot.get("draws", 3),
         seed=cell.seed,
-        runtime=runtime,
         max_length=cell.few_shot.get("max_length", cfg.model.max_length),
-        batch_size=cfg.runtime.eval_batch_size,
-        progress=cfg.runtime.progress,
     )
+    eval_qs, summary = result.eval_questions, result.summary
     folder.mkdir(parents=True, exist_ok=True)
     RunDir(folder).write_config(cfg.to_dict())
     # Draws take the members' place, so the report reads them like any run's predictions.
-    write_predictions(folder / "predictions.jsonl", eval_qs, log_probs)
+    write_predictions(folder / "predictions.jsonl", eval_qs, result.log_probs)
     summary.update(task=cell.task, model=cfg.model.name_or_path, eval_questions=len(eval_qs))
     write_json_atomic(folder / FEW_SHOT_FILE, summary)  # last: marks the cell complete
 

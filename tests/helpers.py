@@ -1,0 +1,107 @@
+"""Shared test helpers: tiny random models built in code (so tests never download weights),
+synthetic questions, and `loraens train` arguments. Fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+import random
+import string
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from loraens.config import OptimConfig
+from loraens.data.prompts import encode_questions, label_token_ids
+from loraens.data.records import Question
+from loraens.models.lora import LoRAEnsemble
+from loraens.runtime import Runtime
+from loraens.training.optim import build_optimizer
+from loraens.training.trainer import EnsembleTrainer
+
+FP32 = Runtime(device=torch.device("cpu"), autocast_dtype=None)
+
+# Character-level vocabulary: every letter is its own token, so the answer-letter check holds.
+_CHARS = string.ascii_letters + string.digits + string.punctuation + " \n…"
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "<unk>": 1}
+    for ch in _CHARS:
+        vocab.setdefault(ch, len(vocab))
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>")
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    settings = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    config = LlamaConfig(**{**settings, **overrides})
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config).eval()
+
+
+def make_questions(n: int, seed: int = 0, n_choices: int | None = None) -> list[Question]:
+    """Synthetic questions whose answer is learnable: the correct choice repeats a key word."""
+    rng = random.Random(seed)
+    words = ["red", "blue", "green", "gold", "gray", "pink"]
+    questions = []
+    for i in range(n):
+        k = n_choices or rng.randint(3, 5)
+        key = rng.choice(words)
+        answer = rng.randrange(k)
+        choices = [
+            key if j == answer else rng.choice([w for w in words if w != key]) for j in range(k)
+        ]
+        questions.append(Question(f"q{i}", f"Which is {key}?", tuple(choices), answer))
+    return questions
+
+
+def train_argv(
+    model_dir, train, evaluation, out, *extra, members=3, epochs=2, lr=1e-3, batch_size=8
+) -> list[str]:
+    """`loraens train` arguments for a tiny model on question files; ``extra`` flags win."""
+    return [
+        "train", "--out", str(out), "--model.name_or_path", str(model_dir),
+        "--data.task", "null", "--data.train_file", str(train), "--data.eval_file", str(evaluation),
+        "--ensemble.members", str(members), "--optim.epochs", str(epochs), "--optim.lr", str(lr),
+        "--optim.batch_size", str(batch_size), "--runtime.progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def encoded_tiny_data():
+    """(tokenizer, 16 encoded train questions, 8 encoded eval questions, label token ids)."""
+    tokenizer = tiny_tokenizer()
+    train = encode_questions(tokenizer, make_questions(16, seed=5), 256)
+    evaluation = encode_questions(tokenizer, make_questions(8, seed=6), 256)
+    return tokenizer, train, evaluation, torch.tensor(label_token_ids(tokenizer))
+
+
+def train_tiny_ensemble(
+    data, optim: OptimConfig, epochs: int = 3, dropout: float = 0.0, members: int = 2
+) -> LoRAEnsemble:
+    """A tiny LoRA ensemble trained on ``encoded_tiny_data()`` in fp32 on the CPU."""
+    tokenizer, train, _, label_ids = data
+    ensemble = LoRAEnsemble(tiny_llama(len(tokenizer)), members, dropout=dropout)
+    ensemble.init_members(list(range(members)))
+    trainer = EnsembleTrainer(
+        ensemble,
+        build_optimizer(ensemble, optim),
+        train,
+        label_ids,
+        FP32,
+        data_seeds=list(range(10, 10 + members)),
+        batch_size=4,
+        kl_beta=optim.kl_beta,
+    )
+    for epoch in range(epochs):
+        trainer.train_epoch(epoch)
+    return ensemble
