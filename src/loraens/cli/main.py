@@ -75,9 +75,10 @@ def evaluate(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import evaluate_run, load_run, questions_for
+    from loraens.evaluation.evaluate import evaluate_run, questions_for
     from loraens.evaluation.report import format_table
     from loraens.io import write_jsonl_atomic
+    from loraens.rundir.load import load_run
 
     questions = questions_for(task, file, require_answer=True)
     rows, table = evaluate_run(load_run(run, device, precision), questions, batch_size=batch_size)
@@ -107,7 +108,8 @@ def predict(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import load_run, predict_file, questions_for
+    from loraens.evaluation.evaluate import predict_file, questions_for
+    from loraens.rundir.load import load_run
 
     questions = questions_for(None, file, require_answer=False)
     rows = predict_file(
@@ -206,15 +208,15 @@ def ood(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.config import DataConfig
     from loraens.data.sources import load_run_data, subset
-    from loraens.evaluation.evaluate import load_run, questions_for
+    from loraens.evaluation.evaluate import questions_for
     from loraens.evaluation.report import format_table
     from loraens.io import write_json_atomic
     from loraens.methods.ood import OOD_PAIRS, evaluate_ood
     from loraens.rundir import RunDir
+    from loraens.rundir.load import load_run
 
-    data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
+    data_cfg = RunDir(Path(run)).read_config().data
     in_questions = load_run_data(data_cfg)[1]
     if ood_task is None and ood_file is None:
         if data_cfg.task not in OOD_PAIRS:

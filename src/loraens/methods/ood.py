@@ -19,7 +19,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from loraens.data.records import Question
-from loraens.evaluation.evaluate import LoadedEnsemble, score_questions
+from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.metrics import (
     auroc,
     ensemble_log_probs,
@@ -28,6 +28,7 @@ from loraens.evaluation.metrics import (
     predictive_entropy,
 )
 from loraens.evaluation.report import metric_rows, single_vs_ensemble
+from loraens.rundir.load import LoadedEnsemble
 
 # Train task -> the task whose eval split is its OOD test set (§5.1).
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
