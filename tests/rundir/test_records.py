@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from loraens.config import TrainConfig
-from loraens.rundir import CellRecord, FewShotResult, RecordError, RunDir, RunSummary
+from loraens.rundir import CellRecord, FewShotResult, RecordError, RunDir
 
 # summary.json as `loraens train` wrote it before the record type existed (a literal, so the
 # check does not depend on the code under test).
