@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loraens.rundir import RunDir, read_jsonl
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,7 +64,7 @@ def _command(args: argparse.Namespace, nproc: int, out: Path) -> list[str]:
 
 
 def _metric_rows(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return read_jsonl(RunDir(run).metrics)
 
 
 def _max_difference(a: list[dict], b: list[dict]) -> float:
@@ -88,14 +90,14 @@ def main() -> None:
         started = time.perf_counter()
         subprocess.run(_command(args, nproc, out), env=env, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - started
-        summary = json.loads((out / "summary.json").read_text())
+        summary = RunDir(out).read_summary()
         results.append(
             {
                 "processes": nproc,
                 "threads_per_process": threads,
                 "wall_seconds": wall,
-                "train_seconds": summary["train_seconds"],
-                "train_tokens_per_second": summary["train_tokens_per_second"],
+                "train_seconds": summary.train_seconds,
+                "train_tokens_per_second": summary.train_tokens_per_second,
                 "load_average_before": load_before,
                 "load_average_after": os.getloadavg()[0],
                 "rows": _metric_rows(out),

@@ -10,16 +10,9 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 import loraens
 
 SRC = Path(loraens.__file__).parent
-
-# rundir.py reads evaluation.metrics while evaluation.evaluate reads rundir; another branch
-# moves run loading and the run directory below both. Remove with the xfail mark below.
-KNOWN_EDGE = ("rundir", "evaluation")
-
 
 def _module_name(path: Path, root: Path) -> str:
     parts = [root.name, *path.relative_to(root).with_suffix("").parts]
@@ -119,16 +112,6 @@ def test_the_graph_sees_the_real_imports():
     assert "training" not in graph["data"] and "cli" not in graph["training"]
 
 
-@pytest.mark.xfail(
-    strict=False, reason="rundir <-> evaluation, being removed on another branch (KNOWN_EDGE)"
-)
 def test_loraens_has_no_import_cycle():
     cycle = find_cycle(import_graph(SRC))
-    assert cycle is None, f"import cycle between parts of loraens: {' -> '.join(cycle)}"
-
-
-def test_no_other_import_cycle_than_the_known_one():
-    graph = import_graph(SRC)
-    graph[KNOWN_EDGE[0]].discard(KNOWN_EDGE[1])
-    cycle = find_cycle(graph)
     assert cycle is None, f"import cycle between parts of loraens: {' -> '.join(cycle)}"

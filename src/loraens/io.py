@@ -68,3 +68,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 def write_jsonl_atomic(path: str | Path, rows: list[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]

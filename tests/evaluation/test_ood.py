@@ -6,10 +6,10 @@ import torch
 from helpers import make_questions, tiny_llama, tiny_tokenizer
 
 from loraens.data.tasks import TASKS
-from loraens.evaluation.evaluate import LoadedEnsemble
 from loraens.evaluation.ood import OOD_PAIRS, SCORES, evaluate_ood, ood_metrics, ood_partner
 from loraens.models.loading import BaseModel
 from loraens.models.lora import LoRAEnsemble
+from loraens.rundir.load import LoadedEnsemble
 from loraens.runtime import Runtime
 
 

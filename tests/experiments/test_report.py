@@ -15,11 +15,12 @@ from loraens.config import TrainConfig
 from loraens.data.records import Question
 from loraens.evaluation.metrics import summarize
 from loraens.evaluation.ood import detection_rows
+from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import METRICS, metric_rows, single_vs_ensemble
 from loraens.experiments.report import write_report
 from loraens.experiments.runs import collect_runs
 from loraens.io import write_json_atomic, write_jsonl_atomic
-from loraens.rundir import RunDir, write_predictions
+from loraens.rundir import RunDir
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_CHOICES = 4
@@ -80,7 +81,7 @@ def write_train_run(
     cfg.lora.dropout = dropout
     run = RunDir(path)
     path.mkdir(parents=True)
-    run.write_config(cfg.to_dict())
+    run.write_config(cfg)
     # Keyed by the whole config, so every setting gets its own numbers.
     rng = np.random.default_rng(zlib.crc32(yaml.safe_dump(cfg.to_dict()).encode()))
     questions = synthetic_questions(n_eval, seed=1)
@@ -133,7 +134,7 @@ def write_few_shot_run(path: Path, *, task: str = "arce", draws: int = 3, n_eval
     path.mkdir(parents=True)
     cfg = TrainConfig()
     cfg.data.task = task
-    RunDir(path).write_config(cfg.to_dict())  # the runner writes it too: few_shot.json must win
+    RunDir(path).write_config(cfg)  # the runner writes it too: few_shot.json must win
     write_predictions(RunDir(path).predictions, questions, lp)
     write_json_atomic(
         path / "few_shot.json",

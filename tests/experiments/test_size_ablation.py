@@ -5,13 +5,14 @@ import pytest
 from helpers import make_questions
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
+from loraens.evaluation.predictions import write_predictions
 from loraens.experiments.size_ablation import (
     ablate_run_size,
     draw_subsets,
     ensemble_size_ablation,
     read_prediction_pool,
 )
-from loraens.rundir import RunDir, write_predictions
+from loraens.rundir import RunDir
 
 
 def _pool(p=6, n=40, k=4, seed=0):

@@ -46,6 +46,7 @@ from loraens.evaluation.metrics import summarize
 from loraens.evaluation.tables import METRICS
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
+from loraens.rundir import FewShotResult
 from loraens.runtime import Runtime, resolve_runtime
 
 DEFAULT_K = 3
@@ -299,14 +300,14 @@ def few_shot_draws(
 
 
 @dataclass(frozen=True)
-class FewShotResult:
+class FewShotScores:
     """The few-shot baseline on a data set: what was scored and what came out."""
 
     eval_questions: list[Question]
     log_probs: np.ndarray
     """(draws, N, K_max) log p_T of the base model, one row per demonstration draw."""
-    summary: dict
-    """The metrics of :func:`few_shot_draws`."""
+    result: FewShotResult
+    """The metrics of :func:`few_shot_draws`, as a run directory's few_shot.json holds them."""
 
 
 def run_few_shot(
@@ -318,7 +319,7 @@ def run_few_shot(
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     max_length: int = 512,
-) -> FewShotResult:
+) -> FewShotScores:
     """Load the base ``model`` and the questions of ``data`` and score :func:`few_shot_draws`:
     the whole baseline, as the ``few_shot`` command and experiment cells run it.
 
@@ -341,7 +342,10 @@ def run_few_shot(
         batch_size=runtime.eval_batch_size,
         progress=runtime.progress,
     )
-    return FewShotResult(eval_qs, log_probs, summary)
+    result = FewShotResult(
+        **summary, task=data.task, model=model, eval_questions=len(eval_qs)
+    )
+    return FewShotScores(eval_qs, log_probs, result)
 
 
 __all__ = [
@@ -349,7 +353,7 @@ __all__ = [
     "DEMO_SEPARATOR",
     "FewShotEncoding",
     "FewShotPrompt",
-    "FewShotResult",
+    "FewShotScores",
     "base_model_as_ensemble",
     "demonstration_text",
     "encode_few_shot",

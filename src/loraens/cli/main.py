@@ -75,9 +75,10 @@ def evaluate(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import evaluate_run, load_run, questions_for
+    from loraens.evaluation.evaluate import evaluate_run, questions_for
     from loraens.evaluation.tables import format_table
     from loraens.io import write_jsonl_atomic
+    from loraens.rundir.load import load_run
 
     questions = questions_for(task, file, require_answer=True)
     rows, table = evaluate_run(load_run(run, device, precision), questions, batch_size=batch_size)
@@ -107,7 +108,8 @@ def predict(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import load_run, predict_file, questions_for
+    from loraens.evaluation.evaluate import predict_file, questions_for
+    from loraens.rundir.load import load_run
 
     questions = questions_for(None, file, require_answer=False)
     rows = predict_file(
@@ -146,9 +148,9 @@ def few_shot(
     """
     from loraens.baselines.few_shot import run_few_shot
     from loraens.evaluation.tables import METRICS
-    from loraens.io import write_json_atomic
+    from loraens.rundir.records import write_record
 
-    result = run_few_shot(
+    scores = run_few_shot(
         model,
         DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed),
         RuntimeConfig(device=device, precision=precision, progress=True),
@@ -157,13 +159,13 @@ def few_shot(
         seed=seed,
         max_length=max_length,
     )
-    summary = result.summary
-    n_eval = len(result.eval_questions)
+    result = scores.result
+    n_eval = len(scores.eval_questions)
     print(f"\n{k}-shot {task}, {n_eval} questions, {draws} draws (mean ± std)")
     for metric in METRICS:
-        print(f"  {metric:<9}{summary['mean'][metric]:.4f} ± {summary['std'][metric]:.4f}")
+        print(f"  {metric:<9}{result.mean[metric]:.4f} ± {result.std[metric]:.4f}")
     if output:
-        write_json_atomic(output, summary)
+        write_record(result, Path(output))
 
 
 def ood(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,53 +12,10 @@ from loraens.data.prompts import LETTERS, encode_questions, label_token_ids
 from loraens.data.records import Question
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
+from loraens.evaluation.predictions import probability_rows
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
-from loraens.models.loading import BaseModel, load_base_model
-from loraens.models.lora import LoRAEnsemble
-from loraens.models.peft_io import AdapterError, adapter_shape, load_members
-from loraens.rundir import RunDir, probability_rows
-from loraens.runtime import Runtime, resolve_runtime
-
-
-@dataclass
-class LoadedEnsemble:
-    ensemble: LoRAEnsemble
-    base: BaseModel
-    runtime: Runtime
-    max_length: int
-    mc_dropout_passes: int = 1
-
-
-def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> LoadedEnsemble:
-    """The base model of a finished run with every saved member stacked onto it."""
-    run = RunDir(Path(run_dir))
-    if not run.config.exists():
-        raise FileNotFoundError(f"{run.root} is not a loraens run directory (no config.yaml).")
-    folders = run.member_folders()
-    if not folders:
-        raise AdapterError(f"{run.root} holds no saved members (members/member-XX folders).")
-    cfg = run.read_config()
-    method = cfg["ensemble"].get("method", "lora")
-    if method == "last_layer":
-        raise ValueError(
-            f"{run.root} is a last-layer ensemble: its metrics and predictions are in the run "
-            f"directory; evaluate, predict and ood score LoRA runs."
-        )
-    runtime = resolve_runtime(device, precision)
-    base = load_base_model(
-        cfg["model"]["name_or_path"],
-        device=runtime.device,
-        trust_remote_code=cfg["model"]["trust_remote_code"],
-    )
-    rank, alpha, targets = adapter_shape(folders)
-    mc_dropout = method == "mc_dropout"
-    dropout = cfg["lora"]["dropout"] if mc_dropout else 0.0
-    ensemble = LoRAEnsemble(base.model, len(folders), rank, alpha, dropout, targets)
-    load_members(ensemble, folders)
-    ensemble.to(runtime.device).eval()
-    passes = cfg["ensemble"]["members"] if mc_dropout else 1
-    return LoadedEnsemble(ensemble, base, runtime, cfg["model"]["max_length"], passes)
+from loraens.rundir.load import LoadedEnsemble
 
 
 def score_questions(

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 from numpy.typing import ArrayLike
 
-from loraens.config import DataConfig
 from loraens.data.records import Question
 from loraens.data.sources import load_run_data, subset
-from loraens.evaluation.evaluate import LoadedEnsemble, load_run, questions_for, score_questions
+from loraens.evaluation.evaluate import questions_for, score_questions
 from loraens.evaluation.metrics import (
     auroc,
     ensemble_log_probs,
@@ -33,6 +32,7 @@ from loraens.evaluation.metrics import (
 )
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.rundir import RunDir
+from loraens.rundir.load import LoadedEnsemble, load_run
 
 # Train task -> the task whose eval split is its OOD test set (§5.1).
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
@@ -202,7 +202,7 @@ def evaluate_run_ood(
     paper's partner of the run's task (:func:`ood_partner`). ``limit`` scores a random subset of
     at most that many questions from each set, drawn with ``seed``.
     """
-    data_cfg = DataConfig(**RunDir(Path(run)).read_config()["data"])
+    data_cfg = RunDir(Path(run)).read_config().data
     in_questions = load_run_data(data_cfg)[1]
     if ood_task is None and ood_file is None:
         ood_task = ood_partner(data_cfg.task)

@@ -66,7 +66,7 @@ def run_rows(rs: RunSet) -> list[dict]:
             "path": str(r.path),
             "kind": "train",
             "task": r.task,
-            "cell": r.cell.get("cell", ""),
+            "cell": r.cell.cell if r.cell else "",
             "seed": r.seed,
             "method": r.method,
             "regulariser": r.regulariser,
@@ -76,8 +76,8 @@ def run_rows(rs: RunSet) -> list[dict]:
             "epochs": r.epochs,
             "lr": r.lr,
             "batch_size": r.batch_size,
-            "train_questions": r.summary.get("train_questions"),
-            "eval_questions": r.summary.get("eval_questions"),
+            "train_questions": r.summary.train_questions,
+            "eval_questions": r.summary.eval_questions,
             "ood_task": r.ood_task,
         }
         for which in ("single", "ensemble"):
@@ -91,12 +91,12 @@ def run_rows(rs: RunSet) -> list[dict]:
                 "path": str(f.path),
                 "kind": "few_shot",
                 "task": f.task,
-                "cell": f.cell.get("cell", ""),
+                "cell": f.cell.cell if f.cell else "",
                 "seed": f.seed,
-                "method": f"few_shot (k={f.result.get('k', '?')})",
-                "members": f.result.get("draws"),
-                "eval_questions": f.result.get("eval_questions"),
-                **{f"single_{m}": v for m, v in (f.result.get("mean") or {}).items()},
+                "method": f"few_shot (k={f.result.k})",
+                "members": f.result.draws,
+                "eval_questions": f.result.eval_questions,
+                **{f"single_{m}": v for m, v in f.result.mean.items()},
             }
         )
     return rows
@@ -192,15 +192,15 @@ def _header(rs: RunSet) -> str:
             }
         )
     for f in rs.few_shot:
-        mean = f.result.get("mean") or {}
+        mean = f.result.mean
         rows.append(
             {
                 "run": rs.relative(f.path),
                 "task": f.task,
-                "setting": f"few-shot k={f.result.get('k', '?')} (mean of draws)",
+                "setting": f"few-shot k={f.result.k} (mean of draws)",
                 "method": "few_shot",
                 "seed": f.seed,
-                "M": f.result.get("draws"),
+                "M": f.result.draws,
                 "ens. acc": mean.get("accuracy"),
                 "ens. NLL": mean.get("nll"),
                 "ens. ECE": mean.get("ece"),

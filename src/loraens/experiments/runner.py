@@ -14,13 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraens.experiments.spec import Cell, Experiment
-from loraens.io import write_json_atomic
-from loraens.rundir import RunDir, write_predictions
+from loraens.rundir import CellRecord, RunDir
 
 log = logging.getLogger(__name__)
-
-CELL_FILE = "cell.json"
-FEW_SHOT_FILE = "few_shot.json"
 
 
 def cell_dir(root: Path, experiment: Experiment, cell: Cell) -> Path:
@@ -29,10 +25,11 @@ def cell_dir(root: Path, experiment: Experiment, cell: Cell) -> Path:
 
 def cell_status(folder: Path, cell: Cell) -> str:
     """'done', 'partial' (started, resumable) or 'todo'."""
-    done_marker = FEW_SHOT_FILE if cell.kind == "few_shot" else "summary.json"
-    if (folder / done_marker).exists():
+    run = RunDir(folder)
+    done_marker = run.few_shot if cell.kind == "few_shot" else run.summary
+    if done_marker.exists():
         return "done"
-    if (folder / "checkpoint" / "state.json").exists():
+    if run.checkpoint_state.exists():
         return "partial"
     return "todo"
 
@@ -46,14 +43,10 @@ class CellOutcome:
     error: str = ""
 
 
-def _cell_record(experiment: Experiment, cell: Cell) -> dict:
-    return {
-        "experiment": experiment.name,
-        "task": cell.task,
-        "cell": cell.name,
-        "seed": cell.seed,
-        "kind": cell.kind,
-    }
+def _cell_record(experiment: Experiment, cell: Cell) -> CellRecord:
+    return CellRecord(
+        experiment=experiment.name, task=cell.task, cell=cell.name, seed=cell.seed, kind=cell.kind
+    )
 
 
 def _run_training(cell: Cell, folder: Path) -> None:
@@ -64,9 +57,10 @@ def _run_training(cell: Cell, folder: Path) -> None:
 
 def _run_few_shot(cell: Cell, folder: Path) -> None:
     from loraens.baselines.few_shot import run_few_shot
+    from loraens.evaluation.predictions import write_predictions
 
     cfg = cell.config
-    result = run_few_shot(
+    scores = run_few_shot(
         cfg.model.name_or_path,
         cfg.data,
         cfg.runtime,
@@ -75,13 +69,12 @@ def _run_few_shot(cell: Cell, folder: Path) -> None:
         seed=cell.seed,
         max_length=cell.few_shot.get("max_length", cfg.model.max_length),
     )
-    eval_qs, summary = result.eval_questions, result.summary
+    run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    RunDir(folder).write_config(cfg.to_dict())
+    run.write_config(cfg)
     # Draws take the members' place, so the report reads them like any run's predictions.
-    write_predictions(folder / "predictions.jsonl", eval_qs, result.log_probs)
-    summary.update(task=cell.task, model=cfg.model.name_or_path, eval_questions=len(eval_qs))
-    write_json_atomic(folder / FEW_SHOT_FILE, summary)  # last: marks the cell complete
+    write_predictions(run.predictions, scores.eval_questions, scores.log_probs)
+    run.write_few_shot(scores.result)  # last: marks the cell complete
 
 
 def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:
@@ -92,8 +85,8 @@ def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> lis
         label = f"[{index}/{len(cells)}] {cell.key}"
         status = cell_status(folder, cell)
         if status == "done":
-            if not (folder / CELL_FILE).exists():  # finished, then stopped before tagging
-                write_json_atomic(folder / CELL_FILE, _cell_record(experiment, cell))
+            if not RunDir(folder).cell.exists():  # finished, then stopped before tagging
+                RunDir(folder).write_cell(_cell_record(experiment, cell))
             log.info("%s: already complete, skipped", label)
             outcomes.append(CellOutcome(cell, folder, "skipped"))
             continue
@@ -113,7 +106,7 @@ def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> lis
             log.error("%s failed: %s", label, err)
             outcomes.append(CellOutcome(cell, folder, "failed", error=str(err)))
             continue
-        write_json_atomic(folder / CELL_FILE, _cell_record(experiment, cell))
+        RunDir(folder).write_cell(_cell_record(experiment, cell))
         seconds = time.perf_counter() - tick
         log.info("%s: done in %.0f s", label, seconds)
         outcomes.append(CellOutcome(cell, folder, "done", seconds))

@@ -18,17 +18,18 @@ How runs are read (documented here because every figure relies on it):
 
 from __future__ import annotations
 
-import json
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
-import yaml
 
-from loraens.rundir import RunDir, read_jsonl
+from loraens.config import OptimConfig, TrainConfig
+from loraens.rundir import CellRecord, FewShotResult, RunDir, RunSummary, read_jsonl
+from loraens.rundir.layout import CONFIG_FILE, FEW_SHOT_FILE, RUN_MARKERS, SUMMARY_FILE
 
 __all__ = [
     "RANDOMNESS_ORDER",
@@ -42,7 +43,9 @@ __all__ = [
     "provenance",
 ]
 
-DEFAULT_WEIGHT_DECAY = 0.01  # the paper's unregularised AdamW default
+T = TypeVar("T")
+
+_DEFAULT_WEIGHT_DECAY = OptimConfig().weight_decay  # the paper's unregularised AdamW default
 _RANDOMNESS = {
     (True, True): "init+data",
     (True, False): "init only",
@@ -56,13 +59,6 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 # ----------------------------------------------------------------------------- runs
 
 
@@ -71,9 +67,9 @@ class Run:
     """A finished training run and how it is classified."""
 
     path: Path
-    config: dict
-    summary: dict
-    cell: dict
+    config: TrainConfig
+    summary: RunSummary
+    cell: CellRecord | None = None
 
     @cached_property
     def rows(self) -> list[dict]:
@@ -83,58 +79,54 @@ class Run:
         except (OSError, ValueError):
             return []
 
-    def _section(self, name: str) -> dict:
-        return self.config.get(name) or {}
-
     @property
     def task(self) -> str:
-        data = self._section("data")
-        if data.get("task"):
-            return str(data["task"])
-        if data.get("eval_file"):
-            return Path(data["eval_file"]).stem
+        data = self.config.data
+        if data.task:
+            return str(data.task)
+        if data.eval_file:
+            return Path(data.eval_file).stem
         return "unknown"
 
     @property
     def ood_task(self) -> str | None:
-        return self._section("data").get("ood_task")
+        return self.config.data.ood_task
 
     @property
     def method(self) -> str:
-        return str(self._section("ensemble").get("method", "lora"))
+        return self.config.ensemble.method
 
     @property
     def members(self) -> int:
-        return int(self._section("ensemble").get("members", 1))
+        return self.config.ensemble.members
 
     @property
     def seed(self) -> int:
-        return int(self.cell.get("seed", self._section("ensemble").get("seed", 0)))
+        return _cell_seed(self.cell, self.config.ensemble.seed)
 
     @property
     def dropout(self) -> float:
-        return float(self._section("lora").get("dropout", 0.0))
+        return float(self.config.lora.dropout)
 
     @property
     def randomness(self) -> str:
-        ens = self._section("ensemble")
-        return _RANDOMNESS[bool(ens.get("vary_init", True)), bool(ens.get("vary_data_order", True))]
+        ens = self.config.ensemble
+        return _RANDOMNESS[bool(ens.vary_init), bool(ens.vary_data_order)]
 
     @property
     def regularisers(self) -> list[tuple[str, float]]:
         """(family, strength) of every regulariser on top of the paper's default."""
-        optim = self._section("optim")
+        optim = self.config.optim
         out = []
-        if float(optim.get("kl_beta", 0.0)) > 0:
-            out.append(("KL", float(optim["kl_beta"])))
-        decay = float(optim.get("weight_decay", DEFAULT_WEIGHT_DECAY))
-        target = optim.get("decay_target", "all")
-        if target != "all":
-            out.append((f"{target}-decay", decay))
-        elif decay != DEFAULT_WEIGHT_DECAY:
+        if optim.kl_beta > 0:
+            out.append(("KL", float(optim.kl_beta)))
+        decay = float(optim.weight_decay)
+        if optim.decay_target != "all":
+            out.append((f"{optim.decay_target}-decay", decay))
+        elif decay != _DEFAULT_WEIGHT_DECAY:
             out.append(("all-decay", decay))
-        if optim.get("patience"):
-            out.append(("patience", float(optim["patience"])))
+        if optim.patience:
+            out.append(("patience", float(optim.patience)))
         return out
 
     @property
@@ -171,40 +163,41 @@ class Run:
 
     @property
     def planned_epochs(self) -> int:
-        return int(self._section("optim").get("epochs", 0))
+        return self.config.optim.epochs
 
     @property
     def epochs(self) -> int:
         """Epochs actually trained (fewer than planned when holdout patience stopped it)."""
-        return int(self.summary.get("epochs_trained", self.planned_epochs))
+        trained = self.summary.epochs_trained
+        return self.planned_epochs if trained is None else trained
 
     @property
     def lr(self) -> float:
-        return float(self._section("optim").get("lr", float("nan")))
+        return float(self.config.optim.lr)
 
     @property
     def batch_size(self) -> int | None:
-        return self._section("optim").get("batch_size")
+        return self.config.optim.batch_size
 
     @property
     def model(self) -> str:
-        return Path(str(self._section("model").get("name_or_path", "?"))).name
+        return Path(self.config.model.name_or_path).name
 
     @property
     def budget(self) -> tuple:
         """What must match for two settings to be compared like for like."""
-        lora = self._section("lora")
+        lora = self.config.lora
         return (
             self.model,
             self.planned_epochs,
             self.lr,
             self.batch_size,
-            self.summary.get("train_questions"),
-            self.summary.get("eval_questions"),
+            self.summary.train_questions,
+            self.summary.eval_questions,
             self.members,
-            lora.get("rank"),
-            lora.get("alpha"),
-            tuple(lora.get("target_modules") or ()),
+            lora.rank,
+            lora.alpha,
+            tuple(lora.target_modules or ()),
         )
 
     @property
@@ -217,7 +210,7 @@ class Run:
 
     def table(self, which: str) -> dict[str, float]:
         """The summary's "single (mean)" or "ensemble (M=...)" row."""
-        table = self.summary.get("table", {})
+        table = self.summary.table
         key = (
             "single (mean)"
             if which == "single"
@@ -231,20 +224,25 @@ class FewShotRun:
     """A few-shot evaluation: ``few_shot.json`` and per-draw predictions."""
 
     path: Path
-    result: dict
-    cell: dict
+    result: FewShotResult
+    cell: CellRecord | None = None
 
     @property
     def task(self) -> str:
-        return str(self.cell.get("task") or self.result.get("task") or "unknown")
+        return str((self.cell.task if self.cell else "") or self.result.task or "unknown")
 
     @property
     def seed(self) -> int:
-        return int(self.cell.get("seed", self.result.get("seed", 0)))
+        return _cell_seed(self.cell, self.result.seed)
 
     @property
     def has_predictions(self) -> bool:
         return RunDir(self.path).predictions.is_file()
+
+
+def _cell_seed(cell: CellRecord | None, default: int) -> int:
+    """cell.json's seed wins: the experiment's cell seed names the run in tables."""
+    return int(cell.seed) if cell is not None and cell.seed is not None else int(default)
 
 
 def is_plain_lora(run: Run) -> bool:
@@ -376,11 +374,9 @@ class RunSet:
 
 # ----------------------------------------------------------------------------- collecting
 
-_MARKERS = ("config.yaml", "few_shot.json", "cell.json")
-
 
 def _candidate_dirs(root: Path) -> Iterable[Path]:
-    if any((root / name).is_file() for name in _MARKERS):
+    if any((root / name).is_file() for name in RUN_MARKERS):
         yield root
         return  # a run's own subfolders (members/, checkpoint/) are never runs
     # Hidden folders hold atomic-write temporaries or tool state, never runs.
@@ -391,23 +387,33 @@ def _candidate_dirs(root: Path) -> Iterable[Path]:
 
 def _load(path: Path) -> Run | FewShotRun | str:
     """The run at ``path``, or why it is ignored."""
-    cell = _read_json(path / "cell.json") or {}
-    if (path / "few_shot.json").is_file():
-        result = _read_json(path / "few_shot.json")
-        return FewShotRun(path, result, cell) if result else "unreadable few_shot.json"
-    if cell.get("kind") == "few_shot":
-        return "incomplete (no few_shot.json)"
-    summary_path = RunDir(path).summary
-    if not summary_path.is_file():
-        return "incomplete (no summary.json)"
-    summary = _read_json(summary_path)
-    if summary is None:
-        return "unreadable summary.json"
+    run = RunDir(path)
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text()) or {}
-    except (OSError, yaml.YAMLError):
-        return "unreadable config.yaml"
+        cell = run.read_cell()
+    except (OSError, ValueError):
+        cell = None  # only a label and a seed: the run still counts without them
+    if run.few_shot.is_file():
+        result = _read(run.read_few_shot, FEW_SHOT_FILE)
+        return result if isinstance(result, str) else FewShotRun(path, result, cell)
+    if cell is not None and cell.kind == "few_shot":
+        return f"incomplete (no {FEW_SHOT_FILE})"
+    if not run.summary.is_file():
+        return f"incomplete (no {SUMMARY_FILE})"
+    summary = _read(run.read_summary, SUMMARY_FILE)
+    if isinstance(summary, str):
+        return summary
+    config = _read(run.read_config, CONFIG_FILE)
+    if isinstance(config, str):
+        return config
     return Run(path, config, summary, cell)
+
+
+def _read(reader: Callable[[], T], name: str) -> T | str:
+    """What ``reader`` returns, or why the file cannot be read (a reason to list it ignored)."""
+    try:
+        return reader()
+    except (OSError, ValueError) as err:
+        return f"unreadable {name}: {err}"
 
 
 def collect_runs(paths: Sequence[str | Path]) -> RunSet:
@@ -438,6 +444,10 @@ def collect_runs(paths: Sequence[str | Path]) -> RunSet:
 # ----------------------------------------------------------------------------- provenance
 
 
+def _or_unknown(value: object) -> object:
+    return "?" if value is None else value
+
+
 def distinct_values(items: Iterable[object]) -> str:
     """The distinct values in first-seen order, joined by "/"; "?" when there are none."""
     unique = list(dict.fromkeys(str(i) for i in items))
@@ -447,18 +457,13 @@ def distinct_values(items: Iterable[object]) -> str:
 def provenance(runs: Sequence[Run], few_shot: Sequence[FewShotRun] = ()) -> str:
     """Model, data, budget and seeds behind a figure: its footer and part of its caption."""
     parts = []
-    models = [r.model for r in runs] + [
-        Path(str(f.result.get("model", "?"))).name for f in few_shot
-    ]
+    models = [r.model for r in runs] + [Path(f.result.model or "?").name for f in few_shot]
     parts.append(f"model {distinct_values(models)}")
     data = defaultdict(set)
     for r in runs:
-        data[r.task].add(
-            f"{r.summary.get('train_questions', '?')} train / "
-            f"{r.summary.get('eval_questions', '?')} eval q"
-        )
+        data[r.task].add(f"{r.summary.train_questions} train / {r.summary.eval_questions} eval q")
     for f in few_shot:
-        data[f.task].add(f"few-shot: {f.result.get('eval_questions', '?')} eval q")
+        data[f.task].add(f"few-shot: {_or_unknown(f.result.eval_questions)} eval q")
     parts.append("data " + "; ".join(f"{t} ({', '.join(sorted(v))})" for t, v in data.items()))
     if runs:
         batch = distinct_values(r.batch_size or "task default" for r in runs)
@@ -470,9 +475,9 @@ def provenance(runs: Sequence[Run], few_shot: Sequence[FewShotRun] = ()) -> str:
     if few_shot:
         parts.append(
             "few-shot k "
-            + distinct_values(f.result.get("k", "?") for f in few_shot)
+            + distinct_values(f.result.k for f in few_shot)
             + ", draws "
-            + distinct_values(f.result.get("draws", "?") for f in few_shot)
+            + distinct_values(f.result.draws for f in few_shot)
         )
     seeds = sorted({r.seed for r in runs} | {f.seed for f in few_shot})
     parts.append(f"seeds {distinct_values(seeds)}")

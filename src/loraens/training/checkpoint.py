@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from loraens.distributed import Dist
 from loraens.io import atomic_path
 from loraens.models.lora import LoRAEnsemble
+from loraens.rundir.layout import CHECKPOINT_STATE_FILE
 
 FORMAT_VERSION = 1
 
@@ -108,16 +109,18 @@ def save_checkpoint(
                 save_file(_section(full, "best/"), tmp / "best_adapters.safetensors")
             torch.save(extra, tmp / "optimizer.pt")
             payload = {"format_version": FORMAT_VERSION, **asdict(state)}
-            (tmp / "state.json").write_text(json.dumps(payload))
+            (tmp / CHECKPOINT_STATE_FILE).write_text(json.dumps(payload))
 
     dist.on_main(write)
 
 
 def _read_checkpoint(folder: Path, ensemble: LoRAEnsemble, n_members: int) -> tuple[dict, dict]:
     """(member-stacked tensors for all members, everything else) from a checkpoint folder."""
-    state_file = folder / "state.json"
+    state_file = folder / CHECKPOINT_STATE_FILE
     if not state_file.exists():
-        raise CheckpointError(f"{folder} holds no checkpoint (state.json missing).")
+        raise CheckpointError(
+            f"{folder} holds no checkpoint ({CHECKPOINT_STATE_FILE} missing)."
+        )
     payload = json.loads(state_file.read_text())
     version = payload.pop("format_version", None)
     if version != FORMAT_VERSION:

@@ -12,7 +12,6 @@ format, so a run may continue on another number of processes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -34,13 +33,14 @@ from loraens.data.sources import (
 from loraens.distributed import Dist, env_world_size, launch
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.ood import detection_rows
+from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
 from loraens.models.loading import BaseModel, load_base_model, resolve_model_path
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
-from loraens.rundir import RunDir, write_predictions
+from loraens.rundir import RunDir, RunSummary
 from loraens.runtime import Runtime, resolve_runtime, resolve_weights_dtype
 from loraens.training.checkpoint import (
     TrainState,
@@ -78,17 +78,18 @@ class TrainingInterrupted(KeyboardInterrupt):
 class TrainResult:
     run_dir: RunDir
     table: dict[str, dict[str, float]]
-    summary: dict
+    summary: RunSummary
     rank: int = 0  # in a distributed run only rank 0 prints
 
 
-def _config_differences(old: dict, new: dict) -> list[str]:
-    # A key the old config lacks was added to loraens later: the run used its default.
-    defaults = TrainConfig().to_dict()
+def _config_differences(old: TrainConfig, new: TrainConfig) -> list[str]:
+    # A key the old config.yaml lacks was added to loraens later: reading it gave the default,
+    # which is what the run used.
+    before_values = old.to_dict()
     differences = []
-    for section, values in new.items():
+    for section, values in new.to_dict().items():
         for key, value in values.items():
-            before = (old.get(section) or {}).get(key, defaults[section][key])
+            before = before_values[section][key]
             if (section, key) not in _RESULT_NEUTRAL and before != value:
                 differences.append(f"{section}.{key}: {before!r} -> {value!r}")
     return differences
@@ -97,7 +98,7 @@ def _config_differences(old: dict, new: dict) -> list[str]:
 def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     """Write the config of a new run, or check a rerun matches the run it continues."""
     if run.config.exists():
-        differences = _config_differences(run.read_config(), cfg.to_dict())
+        differences = _config_differences(run.read_config(), cfg)
         if differences:
             raise ValueError(
                 f"{run.root} holds a run with a different configuration ("
@@ -109,19 +110,19 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> None:
         raise FileExistsError(
             f"{run.root} exists, is not empty and is not a loraens run; choose another --out."
         )
-    run.write_config(cfg.to_dict())
+    run.write_config(cfg)
 
 
 def resume_config(run_dir: str | Path) -> TrainConfig:
     run = RunDir(Path(run_dir))
     if not run.config.exists():
-        raise FileNotFoundError(f"Cannot resume: {run.root} has no config.yaml.")
-    return TrainConfig.from_dict(run.read_config())
+        raise FileNotFoundError(f"Cannot resume: {run.root} has no {run.config.name}.")
+    return run.read_config()
 
 
 @dataclass
 class _Setup:
-    """Everything both training paths share: model, questions, encodings, seeds."""
+    """What both training paths (LoRA and last-layer) share: model, questions, encodings, seeds."""
 
     cfg: TrainConfig
     run: RunDir
@@ -131,8 +132,6 @@ class _Setup:
     eval_qs: list[Question]
     train_set: EncodedQuestions
     eval_set: EncodedQuestions
-    holdout_set: EncodedQuestions
-    ood_set: EncodedQuestions
     label_ids: torch.Tensor
     data_seeds: list[int]
     schedule: int | None
@@ -141,9 +140,13 @@ class _Setup:
     weights_dtype: torch.dtype
 
 
-def _n_trained(cfg: TrainConfig) -> int:
-    # MC dropout trains one adapter; its M "members" are stochastic passes at test time.
-    return 1 if cfg.ensemble.method == "mc_dropout" else cfg.ensemble.members
+@dataclass
+class _ExtraSets:
+    """Question sets LoRA training scores every epoch besides the eval split (empty if unused):
+    the held-out share of train for early stopping, and the OOD set of Fig. 5."""
+
+    holdout: EncodedQuestions
+    ood: EncodedQuestions
 
 
 def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
@@ -155,24 +158,24 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             "ensemble.method=last_layer trains in seconds on cached features in one process; "
             "run it without torchrun or accelerate launch."
         )
-    with launch(cfg.runtime.device, _n_trained(cfg), cfg.runtime.dist_timeout) as dist:
+    trained = cfg.ensemble.trained_adapters
+    with launch(cfg.runtime.device, trained, cfg.runtime.dist_timeout) as dist:
 
-        def prepare() -> dict | None:
+        def prepare() -> RunSummary | None:
             _prepare_run_dir(run, cfg)
-            return json.loads(run.summary.read_text()) if run.summary.exists() else None
+            return run.read_summary() if run.summary.exists() else None
 
         summary = dist.on_main(prepare)
         if summary is not None:
             log.info("%s is already complete.", run.root)
-            return TrainResult(run, summary["table"], summary, dist.rank)
-        setup = _set_up(cfg, run, dist)
+            return TrainResult(run, summary.table, summary, dist.rank)
+        setup, extra = _set_up(cfg, run, dist)
         if cfg.ensemble.method == "last_layer":
             return _train_last_layer(setup)
-        return _train_lora(setup)
+        return _train_lora(setup, extra)
 
 
-def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
-    started = time.perf_counter()
+def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, BaseModel]:
     device = str(dist.device) if dist.active else cfg.runtime.device
     runtime = resolve_runtime(device, cfg.runtime.precision)
     weights_dtype = resolve_weights_dtype(cfg.model.dtype, runtime)
@@ -191,6 +194,25 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
         dtype=weights_dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
+    return runtime, weights_dtype, base
+
+
+def _encode_all(
+    cfg: TrainConfig, base: BaseModel, dist: Dist, question_sets: list[list[Question]]
+) -> list[EncodedQuestions]:
+    encoded = [encode_questions(base.tokenizer, qs, cfg.model.max_length) for qs in question_sets]
+    if (shortened := sum(e.n_shortened for e in encoded)) and dist.is_main:
+        log.warning(
+            "%d prompts exceeded max_length=%d and had their question text shortened.",
+            shortened,
+            cfg.model.max_length,
+        )
+    return encoded
+
+
+def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSets]:
+    started = time.perf_counter()
+    runtime, weights_dtype, base = _load_model(cfg, dist)
     train_qs, eval_qs = load_run_data(cfg.data)
     holdout_qs: list[Question] = []
     if cfg.optim.patience is not None:
@@ -200,21 +222,11 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
     ood_qs = load_ood_questions(cfg.data)
     max_choices = max(len(q.choices) for q in train_qs + eval_qs + ood_qs)
     label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
-
-    def encode(questions: list[Question]) -> EncodedQuestions:
-        return encode_questions(base.tokenizer, questions, cfg.model.max_length)
-
-    train_set, eval_set, holdout_set = encode(train_qs), encode(eval_qs), encode(holdout_qs)
-    ood_set = encode(ood_qs)
-    encoded = (train_set, eval_set, holdout_set, ood_set)
-    if (shortened := sum(e.n_shortened for e in encoded)) and dist.is_main:
-        log.warning(
-            "%d prompts exceeded max_length=%d and had their question text shortened.",
-            shortened,
-            cfg.model.max_length,
-        )
+    train_set, eval_set, holdout_set, ood_set = _encode_all(
+        cfg, base, dist, [train_qs, eval_qs, holdout_qs, ood_qs]
+    )
     seed = cfg.ensemble.seed
-    return _Setup(
+    setup = _Setup(
         cfg=cfg,
         run=run,
         runtime=runtime,
@@ -223,8 +235,6 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
         eval_qs=eval_qs,
         train_set=train_set,
         eval_set=eval_set,
-        holdout_set=holdout_set,
-        ood_set=ood_set,
         label_ids=label_ids,
         data_seeds=member_seeds(seed, cfg.ensemble.members, "data", cfg.ensemble.vary_data_order),
         schedule=schedule_seed(seed) if cfg.data.group_by_length else None,
@@ -232,21 +242,79 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
         dist=dist,
         weights_dtype=weights_dtype,
     )
+    return setup, _ExtraSets(holdout=holdout_set, ood=ood_set)
 
 
-def _train_lora(s: _Setup) -> TrainResult:
-    cfg, run, runtime, dist = s.cfg, s.run, s.runtime, s.dist
-    n_trained = _n_trained(cfg)
-    mc_passes = cfg.ensemble.members // n_trained
+# ----------------------------------------------------------------------------- LoRA ensembles
+
+
+@dataclass
+class _Evaluator:
+    """Every member's log-probs on a question set (all M, on every rank): each rank scores its
+    own members (in data mode its share of the questions) and the scores are gathered."""
+
+    ensemble: LoRAEnsemble
+    label_ids: torch.Tensor
+    runtime: Runtime
+    dist: Dist
+    batch_size: int
+    members_per_pass: int | None
+    mc_dropout_passes: int
+    progress: bool
+
+    def __call__(self, questions: EncodedQuestions) -> np.ndarray:
+        local = score_members(
+            self.ensemble,
+            questions,
+            self.label_ids,
+            self.runtime,
+            batch_size=self.batch_size,
+            members_per_pass=self.members_per_pass,
+            mc_dropout_passes=self.mc_dropout_passes,
+            progress=self.progress,
+            questions=self.dist.question_share(len(questions)),
+        )
+        return self.dist.gather_scores(local)
+
+
+@dataclass
+class _Fit:
+    """A LoRA run in progress: this process's members, how they train and are scored, and what
+    the checkpoint records."""
+
+    ensemble: LoRAEnsemble
+    trainer: EnsembleTrainer
+    evaluate: _Evaluator
+    progress: bool
+    state: TrainState
+    best: dict[str, torch.Tensor] | None = None  # adapters of the best held-out epoch
+
+
+def _train_lora(s: _Setup, extra: _ExtraSets) -> TrainResult:
+    fit = _build(s)
+    _restore_or_start(s, fit)
+    try:
+        member_log_probs = _fit_epochs(s, extra, fit)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(s.run.root, fit.state.epochs_done) from None
+    if fit.best is not None and fit.state.best_epoch != fit.state.epochs_done:
+        load_stacked(fit.ensemble, fit.best)
+        member_log_probs = None
+    if member_log_probs is None:  # resumed after the last epoch, or restored the best epoch
+        member_log_probs = fit.evaluate(s.eval_set)
+    _save_members(s, fit)
+    return _finish(s, fit.state, member_log_probs)
+
+
+def _build(s: _Setup) -> _Fit:
+    """This process's members, initialised, with their optimiser, trainer and evaluator."""
+    cfg, dist = s.cfg, s.dist
+    n_trained = cfg.ensemble.trained_adapters
     mine = dist.members  # global indices of the members this process trains (all, alone)
+    lora = cfg.lora
     ensemble = LoRAEnsemble(
-        s.base.model,
-        len(mine),
-        cfg.lora.rank,
-        cfg.lora.alpha,
-        cfg.lora.dropout,
-        cfg.lora.target_modules,
-    ).to(runtime.device)
+        s.base.model, len(mine), lora.rank, lora.alpha, lora.dropout, lora.target_modules
+    ).to(s.runtime.device)
     # Seeds come from the global member index, so a member is the same on any number of ranks.
     init_seeds = member_seeds(cfg.ensemble.seed, n_trained, "init", cfg.ensemble.vary_init)
     ensemble.init_members(init_seeds[mine.start : mine.stop])
@@ -256,7 +324,7 @@ def _train_lora(s: _Setup) -> TrainResult:
         build_optimizer(ensemble, cfg.optim),
         s.train_set,
         s.label_ids,
-        runtime,
+        s.runtime,
         data_seeds=s.data_seeds[mine.start : mine.stop],
         batch_size=cfg.optim.batch_size,
         schedule_seed=s.schedule,
@@ -264,109 +332,138 @@ def _train_lora(s: _Setup) -> TrainResult:
         kl_beta=cfg.optim.kl_beta,
         dist=dist,
     )
+    evaluate = _Evaluator(
+        ensemble,
+        s.label_ids,
+        s.runtime,
+        dist,
+        batch_size=cfg.runtime.eval_batch_size,
+        members_per_pass=cfg.runtime.members_per_pass,
+        mc_dropout_passes=cfg.ensemble.passes_per_adapter,
+        progress=progress,
+    )
+    return _Fit(ensemble, trainer, evaluate, progress, TrainState(n_train=len(s.train_qs)))
 
+
+def _restore_or_start(s: _Setup, fit: _Fit) -> None:
+    """Continue from the run directory's checkpoint, or record the provenance of a new run."""
+    run, dist = s.run, s.dist
     # LoRA dropout draws from torch's global generator: seed it so a rerun is bit-identical
     # (a resumed run restores the generator's state from the checkpoint instead). Each rank has
     # its own generator, so with lora.dropout > 0 a distributed run's masks differ from a
     # single process's: equal in distribution, not bit for bit.
-    torch.manual_seed(rank_seed(cfg.ensemble.seed, dist.rank))
-    if dist.on_main(lambda: (run.checkpoint / "state.json").exists()):
-        state, best = load_checkpoint(run.checkpoint, ensemble, trainer.optimizer, dist)
-        log.info("Resuming %s after epoch %d of %d.", run.root, state.epochs_done, cfg.optim.epochs)
+    torch.manual_seed(rank_seed(s.cfg.ensemble.seed, dist.rank))
+    if dist.on_main(lambda: run.checkpoint_state.exists()):
+        fit.state, fit.best = load_checkpoint(
+            run.checkpoint, fit.ensemble, fit.trainer.optimizer, dist
+        )
+        log.info(
+            "Resuming %s after epoch %d of %d.", run.root, fit.state.epochs_done, s.cfg.optim.epochs
+        )
     else:
-        state, best = TrainState(n_train=len(s.train_qs)), None
         dist.on_main(
             lambda: write_json_atomic(
                 run.provenance, provenance(s.base.path, s.train_qs, s.eval_qs)
             )
         )
 
-    def evaluate(questions: EncodedQuestions = s.eval_set) -> np.ndarray:
-        """Every member's log-probs (all M, on every rank): each rank scores its own members."""
-        local = score_members(
-            ensemble,
-            questions,
-            s.label_ids,
-            runtime,
-            batch_size=cfg.runtime.eval_batch_size,
-            members_per_pass=cfg.runtime.members_per_pass,
-            mc_dropout_passes=mc_passes,
-            progress=progress,
-            questions=dist.question_share(len(questions)),
-        )
-        return dist.gather_scores(local)
 
-    labels = np.asarray(s.eval_set.labels)
+def _fit_epochs(s: _Setup, extra: _ExtraSets, fit: _Fit) -> np.ndarray | None:
+    """Train the remaining epochs, checkpointing after each; the last evaluated epoch's eval
+    log-probs (None when no epoch was left to train)."""
+    cfg = s.cfg
     member_log_probs = None
-    first_epoch = cfg.optim.epochs if state.stopped_early else state.epochs_done
-    try:
-        for epoch in range(first_epoch, cfg.optim.epochs):
-            tick, tokens_before = time.perf_counter(), trainer.tokens_seen
-            train_loss = trainer.train_epoch(epoch, progress=progress)
-            state.train_seconds += time.perf_counter() - tick
-            state.tokens_seen += dist.sum(trainer.tokens_seen - tokens_before)
-            state.rows += [
-                {"epoch": epoch + 1, "split": "train", "member": m, "loss": float(loss)}
-                for m, loss in enumerate(train_loss)
-            ]
-            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.runtime.eval_every == 0:
-                member_log_probs = evaluate()
-                epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
-                state.rows += epoch_rows
-                if len(s.ood_set):
-                    state.rows += _ood_rows(member_log_probs, evaluate(s.ood_set), s.ood_set, epoch)
-                ens = epoch_rows[-1]
-                log.info(
-                    "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
-                    epoch + 1,
-                    ens["accuracy"],
-                    ens["nll"],
-                    ens["ece"],
-                    train_loss.mean(),
-                )
-            state.epochs_done = epoch + 1
-            if cfg.optim.patience is not None:
-                holdout_rows = metric_rows(
-                    evaluate(s.holdout_set),
-                    np.asarray(s.holdout_set.labels),
-                    epoch=epoch + 1,
-                    split="holdout",
-                )
-                state.rows += holdout_rows
-                # Rank 0's number decides for all ranks, so they cannot disagree on stopping.
-                nll = dist.broadcast(holdout_rows[-1]["nll"])
-                if state.best_holdout_nll is None or nll < state.best_holdout_nll:
-                    state.best_epoch, state.best_holdout_nll = epoch + 1, nll
-                    best = stacked_tensors(ensemble)
-                state.stopped_early = epoch + 1 - state.best_epoch >= cfg.optim.patience
-            save_checkpoint(run.checkpoint, ensemble, trainer.optimizer, state, best, dist)
-            # metrics.jsonl is derived from the checkpoint's rows, so the two never disagree.
-            dist.on_main(lambda: write_jsonl_atomic(run.metrics, state.rows))
-            if state.stopped_early:
-                log.info(
-                    "Held-out NLL has not improved for %d epochs: stopping after epoch "
-                    "%d, keeping epoch %d.",
-                    cfg.optim.patience,
-                    epoch + 1,
-                    state.best_epoch,
-                )
-                break
-    except KeyboardInterrupt:
-        raise TrainingInterrupted(run.root, state.epochs_done) from None
+    first_epoch = cfg.optim.epochs if fit.state.stopped_early else fit.state.epochs_done
+    for epoch in range(first_epoch, cfg.optim.epochs):
+        train_loss = _train_epoch(s, fit, epoch)
+        if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.runtime.eval_every == 0:
+            member_log_probs = _evaluate_epoch(s, extra.ood, fit, epoch, train_loss)
+        fit.state.epochs_done = epoch + 1
+        if cfg.optim.patience is not None:
+            _track_holdout(s, extra.holdout, fit, epoch)
+        _save_checkpoint(s, fit)
+        if fit.state.stopped_early:
+            log.info(
+                "Held-out NLL has not improved for %d epochs: stopping after epoch "
+                "%d, keeping epoch %d.",
+                cfg.optim.patience,
+                epoch + 1,
+                fit.state.best_epoch,
+            )
+            break
+    return member_log_probs
 
-    if best is not None and state.best_epoch != state.epochs_done:
-        load_stacked(ensemble, best)
-        member_log_probs = None
-    if member_log_probs is None:  # resumed after the last epoch, or restored the best epoch
-        member_log_probs = evaluate()
-    stacked = dist.gather_members(stacked_tensors(ensemble))  # every member, from every rank
 
-    def save_members() -> None:
-        for m in range(n_trained):
-            save_member(ensemble, m, run.member(m), cfg.model.name_or_path, stacked=stacked)
+def _train_epoch(s: _Setup, fit: _Fit, epoch: int) -> np.ndarray:
+    """One epoch for every member; its timing, tokens and per-member train loss rows."""
+    state = fit.state
+    tick, tokens_before = time.perf_counter(), fit.trainer.tokens_seen
+    train_loss = fit.trainer.train_epoch(epoch, progress=fit.progress)
+    state.train_seconds += time.perf_counter() - tick
+    state.tokens_seen += s.dist.sum(fit.trainer.tokens_seen - tokens_before)
+    state.rows += [
+        {"epoch": epoch + 1, "split": "train", "member": m, "loss": float(loss)}
+        for m, loss in enumerate(train_loss)
+    ]
+    return train_loss
 
-    dist.on_main(save_members)
-    return _finish(s, state, member_log_probs)
+
+def _evaluate_epoch(
+    s: _Setup, ood: EncodedQuestions, fit: _Fit, epoch: int, train_loss: np.ndarray
+) -> np.ndarray:
+    """The epoch's eval rows, and its OOD rows when there is an OOD set; the eval log-probs."""
+    member_log_probs = fit.evaluate(s.eval_set)
+    labels = np.asarray(s.eval_set.labels)
+    epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
+    fit.state.rows += epoch_rows
+    if len(ood):
+        fit.state.rows += _ood_rows(member_log_probs, fit.evaluate(ood), ood, epoch)
+    ens = epoch_rows[-1]
+    log.info(
+        "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
+        epoch + 1,
+        ens["accuracy"],
+        ens["nll"],
+        ens["ece"],
+        train_loss.mean(),
+    )
+    return member_log_probs
+
+
+def _track_holdout(s: _Setup, holdout: EncodedQuestions, fit: _Fit, epoch: int) -> None:
+    """Early stopping: score the held-out share, keep the best epoch's adapters, and decide
+    whether optim.patience epochs have passed without improvement."""
+    state = fit.state
+    holdout_rows = metric_rows(
+        fit.evaluate(holdout), np.asarray(holdout.labels), epoch=epoch + 1, split="holdout"
+    )
+    state.rows += holdout_rows
+    # Rank 0's number decides for all ranks, so they cannot disagree on stopping.
+    nll = s.dist.broadcast(holdout_rows[-1]["nll"])
+    if state.best_holdout_nll is None or nll < state.best_holdout_nll:
+        state.best_epoch, state.best_holdout_nll = epoch + 1, nll
+        fit.best = stacked_tensors(fit.ensemble)
+    state.stopped_early = epoch + 1 - state.best_epoch >= s.cfg.optim.patience
+
+
+def _save_checkpoint(s: _Setup, fit: _Fit) -> None:
+    save_checkpoint(
+        s.run.checkpoint, fit.ensemble, fit.trainer.optimizer, fit.state, fit.best, s.dist
+    )
+    # metrics.jsonl is derived from the checkpoint's rows, so the two never disagree.
+    s.dist.on_main(lambda: write_jsonl_atomic(s.run.metrics, fit.state.rows))
+
+
+def _save_members(s: _Setup, fit: _Fit) -> None:
+    """Every trained member as a PEFT adapter folder, written by rank 0 alone."""
+    stacked = s.dist.gather_members(stacked_tensors(fit.ensemble))  # from every rank
+
+    def save() -> None:
+        for m in range(s.cfg.ensemble.trained_adapters):
+            path = s.run.member(m)
+            save_member(fit.ensemble, m, path, s.cfg.model.name_or_path, stacked=stacked)
+
+    s.dist.on_main(save)
 
 
 def _ood_rows(
@@ -381,35 +478,40 @@ def _ood_rows(
     return rows
 
 
+# ----------------------------------------------------------------------------- both paths
+
+
 def _finish(s: _Setup, state: TrainState, member_log_probs: np.ndarray) -> TrainResult:
-    cfg, run, runtime, dist = s.cfg, s.run, s.runtime, s.dist
+    run, runtime, dist = s.run, s.runtime, s.dist
     # From the adapters actually saved (the best epoch under optim.patience, else the last).
     labels = np.asarray([q.answer for q in s.eval_qs])
     table = single_vs_ensemble(metric_rows(member_log_probs, labels))
-    summary = {
-        "method": cfg.ensemble.method,
-        "epochs_trained": state.epochs_done,
-        "epoch_kept": state.best_epoch or state.epochs_done,
-        "table": table,
-        "train_questions": state.n_train,
-        "eval_questions": len(s.eval_qs),
-        "train_seconds": state.train_seconds,
-        "train_tokens_per_second": state.tokens_seen / max(state.train_seconds, 1e-9),
-        "wall_seconds": time.perf_counter() - s.started,
-        "precision": str(runtime.autocast_dtype or "fp32"),
-        "weights_dtype": str(s.weights_dtype),
-        "device": str(runtime.device),
-        "processes": dist.world_size,
-        "distributed_mode": dist.mode,
-    }
+    summary = RunSummary(
+        method=s.cfg.ensemble.method,
+        epochs_trained=state.epochs_done,
+        epoch_kept=state.best_epoch or state.epochs_done,
+        table=table,
+        train_questions=state.n_train,
+        eval_questions=len(s.eval_qs),
+        train_seconds=state.train_seconds,
+        train_tokens_per_second=state.tokens_seen / max(state.train_seconds, 1e-9),
+        wall_seconds=time.perf_counter() - s.started,
+        precision=str(runtime.autocast_dtype or "fp32"),
+        weights_dtype=str(s.weights_dtype),
+        device=str(runtime.device),
+        processes=dist.world_size,
+        distributed_mode=dist.mode,
+    )
 
     def write() -> None:
         write_predictions(run.predictions, s.eval_qs, member_log_probs)
-        # Written last: its presence is what marks the run complete.
-        write_json_atomic(run.summary, summary)
+        run.write_summary(summary)  # written last: its presence marks the run complete
 
     dist.on_main(write)
     return TrainResult(run_dir=run, table=table, summary=summary, rank=dist.rank)
+
+
+# ----------------------------------------------------------------------------- last-layer ensembles
 
 
 def _train_last_layer(s: _Setup) -> TrainResult:
@@ -457,9 +559,9 @@ def print_result(result: TrainResult) -> None:
     if result.rank != 0:
         return
     s = result.summary
-    print(format_table(result.table, title=f"\nEval on {s['eval_questions']} questions"))
+    print(format_table(result.table, title=f"\nEval on {s.eval_questions} questions"))
     print(
-        f"\ntrained on {s['train_questions']} questions at "
-        f"{s['train_tokens_per_second']:.0f} tokens/s ({s['precision']}, {s['device']}); "
-        f"wall time {s['wall_seconds']:.0f} s; run directory: {result.run_dir.root}"
+        f"\ntrained on {s.train_questions} questions at "
+        f"{s.train_tokens_per_second:.0f} tokens/s ({s.precision}, {s.device}); "
+        f"wall time {s.wall_seconds:.0f} s; run directory: {result.run_dir.root}"
     )

@@ -1,0 +1,127 @@
+"""The run directory's layout: the one place that names its files.
+
+config.yaml              the resolved configuration (:class:`~loraens.config.TrainConfig`)
+metrics.jsonl            one row per (epoch, split, member | "ensemble")
+predictions.jsonl        per question: every member's p_T, the ensemble's, the label
+members/member-XX/       each member as a PEFT adapter folder
+checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
+summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
+few_shot.json            a few-shot cell's result, in place of summary.json (:class:`FewShotResult`)
+cell.json                which experiment cell a folder belongs to (:class:`CellRecord`)
+provenance.json          model and data fingerprints
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from loraens.config import TrainConfig
+from loraens.io import write_text_atomic
+from loraens.rundir.records import (
+    CellRecord,
+    FewShotResult,
+    RunSummary,
+    read_record,
+    write_record,
+)
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+PREDICTIONS_FILE = "predictions.jsonl"
+SUMMARY_FILE = "summary.json"
+FEW_SHOT_FILE = "few_shot.json"
+CELL_FILE = "cell.json"
+PROVENANCE_FILE = "provenance.json"
+CHECKPOINT_DIR = "checkpoint"
+CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
+
+# Any of these makes a folder a run (its own subfolders, members/ and checkpoint/, never are).
+RUN_MARKERS = (CONFIG_FILE, FEW_SHOT_FILE, CELL_FILE)
+
+
+@dataclass(frozen=True)
+class RunDir:
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG_FILE
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / METRICS_FILE
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / PREDICTIONS_FILE
+
+    @property
+    def summary(self) -> Path:
+        return self.root / SUMMARY_FILE
+
+    @property
+    def few_shot(self) -> Path:
+        return self.root / FEW_SHOT_FILE
+
+    @property
+    def cell(self) -> Path:
+        return self.root / CELL_FILE
+
+    @property
+    def provenance(self) -> Path:
+        return self.root / PROVENANCE_FILE
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.root / CHECKPOINT_DIR
+
+    @property
+    def checkpoint_state(self) -> Path:
+        """Present once an epoch's checkpoint is complete: the run can be resumed."""
+        return self.checkpoint / CHECKPOINT_STATE_FILE
+
+    def member(self, m: int) -> Path:
+        return self.root / "members" / f"member-{m:02d}"
+
+    def member_folders(self) -> list[Path]:
+        return sorted(p for p in (self.root / "members").glob("member-*") if p.is_dir())
+
+    def write_config(self, config: TrainConfig) -> None:
+        write_text_atomic(self.config, yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    def read_config(self) -> TrainConfig:
+        """The run's configuration; keys a config lacks (added to loraens later) take their
+        defaults, which is what the run used."""
+        if not self.config.is_file():
+            raise FileNotFoundError(
+                f"{self.root} is not a loraens run directory (no {CONFIG_FILE})."
+            )
+        try:
+            values = yaml.safe_load(self.config.read_text()) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"expected a mapping of sections, got {type(values).__name__}")
+            return TrainConfig.from_dict(values)
+        except (yaml.YAMLError, ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"{self.config} is not a valid loraens config: {err}") from err
+
+    def read_summary(self) -> RunSummary:
+        return read_record(RunSummary, self.summary)
+
+    def write_summary(self, summary: RunSummary) -> None:
+        write_record(summary, self.summary)
+
+    def read_few_shot(self) -> FewShotResult:
+        return read_record(FewShotResult, self.few_shot)
+
+    def write_few_shot(self, result: FewShotResult) -> None:
+        write_record(result, self.few_shot)
+
+    def read_cell(self) -> CellRecord | None:
+        """The folder's cell record; None outside an experiment."""
+        return read_record(CellRecord, self.cell) if self.cell.is_file() else None
+
+    def write_cell(self, record: CellRecord) -> None:
+        write_record(record, self.cell)

@@ -1,0 +1,125 @@
+"""The run directory's JSON records, each written and read back through one dataclass.
+
+A record is written with ``write_json_atomic`` (sorted keys), exactly as these files have always
+been written, so old runs read back unchanged. Reading is lenient about what older loraens
+versions wrote (fields added later default to None; fields since dropped are ignored) and strict
+about the rest: a missing or mistyped field fails naming the file and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import types
+import typing
+from dataclasses import MISSING, asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loraens.io import write_json_atomic
+
+R = TypeVar("R")
+
+
+class RecordError(ValueError):
+    """A run-directory file that exists but does not hold the record it should."""
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if isinstance(value, bool) and hint is not bool:
+        return False  # JSON true is no count
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, origin or hint)
+
+
+def record_from_dict(cls: type[R], data: Any, source: str | Path) -> R:
+    """``cls`` from a decoded JSON object, or a :class:`RecordError` naming ``source``."""
+    if not isinstance(data, dict):
+        raise RecordError(f"{source}: expected a JSON object, got {type(data).__name__}.")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in fields(cls):
+        if f.name not in data:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RecordError(f"{source}: field {f.name!r} is missing.")
+            continue
+        if not _matches(data[f.name], hints[f.name]):
+            raise RecordError(
+                f"{source}: field {f.name!r} should be {_type_name(hints[f.name])}, "
+                f"got {data[f.name]!r}."
+            )
+        values[f.name] = data[f.name]
+    return cls(**values)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint)
+
+
+def read_record(cls: type[R], path: Path) -> R:
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as err:  # also UnicodeDecodeError
+        raise RecordError(f"{path} is not valid JSON ({err}).") from err
+    return record_from_dict(cls, data, path)
+
+
+def write_record(record: Any, path: Path) -> None:
+    write_json_atomic(path, asdict(record))
+
+
+@dataclass
+class RunSummary:
+    """summary.json: a training run's final table and timings. Written last: its presence
+    marks the run complete."""
+
+    table: dict[str, dict[str, float]]
+    """single_vs_ensemble of the adapters saved (the best epoch under patience, else the last)"""
+    train_questions: int
+    eval_questions: int
+    train_seconds: float
+    train_tokens_per_second: float
+    wall_seconds: float
+    precision: str
+    device: str
+    # Added after the first release: None when an older run lacks them.
+    method: str | None = None
+    epochs_trained: int | None = None
+    epoch_kept: int | None = None
+    weights_dtype: str | None = None
+    processes: int | None = None
+    distributed_mode: str | None = None
+
+
+@dataclass
+class FewShotResult:
+    """few_shot.json: the few-shot baseline's per-draw metrics, their mean and std. Written
+    last: its presence marks a few-shot cell complete."""
+
+    k: int
+    draws: int
+    seed: int
+    per_draw: list[dict[str, float]]
+    mean: dict[str, float]
+    std: dict[str, float]
+    # Added by the experiment runner (absent from `loraens few-shot --output` files).
+    task: str | None = None
+    model: str | None = None
+    eval_questions: int | None = None
+
+
+@dataclass
+class CellRecord:
+    """cell.json: the experiment cell a folder belongs to. The report only takes its label and
+    seed, so a partial record still reads."""
+
+    experiment: str = ""
+    task: str = ""
+    cell: str = ""
+    seed: int | None = None
+    kind: str = "train"
