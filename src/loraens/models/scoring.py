@@ -17,11 +17,37 @@ from torch.nn import functional as F
 from loraens.data.batching import collate
 
 
-def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor):
-    """Final hidden state at each row's last prompt token, shape (rows, hidden)."""
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+def answer_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+):
+    """Final hidden state at each question's last prompt token, shape (questions, hidden).
+
+    Question i ends just before column ``lengths[i]`` of row ``rows[i]`` (default: row i). With
+    ``position_ids`` restarting at 0 inside a row (packed questions, see
+    :mod:`loraens.data.packing`) the decoder attends block-diagonally, question by question.
+    """
+    hidden = model.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    if rows is None:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, lengths - 1]
+
+
+def batch_hidden_states(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """:func:`answer_hidden_states` of a :func:`loraens.data.packing.rows_batch` batch."""
+    positions = batch["position_ids"]
+    return answer_hidden_states(
+        model,
+        batch["input_ids"].to(device),
+        batch["answer_ends"].to(device),
+        None if positions is None else positions.to(device),
+        batch["answer_rows"].to(device),
+    )
 
 
 def _head(model: nn.Module) -> nn.Linear:
