@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loraens.data.batching import collate
+from loraens.data.packing import plan_rows, rows_batch
 
 
 def answer_hidden_states(
@@ -74,17 +74,14 @@ def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) ->
     For quantities of the frozen model that never change during training (the KL reference,
     last-layer features), computed once in length-sorted batches.
     """
-    order = np.argsort([len(ids) for ids in encoded.input_ids], kind="stable")
+    lengths = [len(ids) for ids in encoded.input_ids]
+    order = np.argsort(lengths, kind="stable")
     features = torch.empty(len(encoded), model.config.hidden_size)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            inputs = collate(encoded, [batch], pad_id=0)
+            rows = plan_rows([order[start : start + batch_size]], lengths, runtime.row_tokens)[0]
+            inputs = rows_batch(encoded, rows, 0, packed=runtime.packing)
             with runtime.autocast():
-                hidden = answer_hidden_states(
-                    model,
-                    inputs["input_ids"].to(runtime.device),
-                    inputs["lengths"].to(runtime.device),
-                )
-            features[torch.as_tensor(batch)] = hidden.float().cpu()
+                hidden = batch_hidden_states(model, inputs, runtime.device)
+            features[inputs["indices"]] = hidden.float().cpu()
     return features
