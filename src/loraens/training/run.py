@@ -49,6 +49,7 @@ from loraens.training.checkpoint import (
     save_checkpoint,
     stacked_tensors,
 )
+from loraens.training.eta import announce_duration
 from loraens.training.optim import build_optimizer
 from loraens.training.seeds import member_seeds, rank_seed, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
@@ -60,6 +61,9 @@ _RESULT_NEUTRAL = {
     ("runtime", "progress"),
     ("runtime", "eval_batch_size"),
     ("runtime", "members_per_pass"),
+    ("runtime", "packing"),
+    ("runtime", "pack_tokens"),
+    ("runtime", "memory_budget_gb"),
     ("runtime", "dist_timeout"),
 }
 
@@ -174,7 +178,11 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> _Setup:
     started = time.perf_counter()
     device = str(dist.device) if dist.active else cfg.runtime.device
-    runtime = resolve_runtime(device, cfg.runtime.precision)
+    rt = cfg.runtime
+    runtime = resolve_runtime(
+        device, rt.precision, packing=rt.packing, pack_tokens=rt.pack_tokens,
+        memory_budget_gb=rt.memory_budget_gb,
+    )  # fmt: skip
     weights_dtype = resolve_weights_dtype(cfg.model.dtype, runtime)
     if dist.active:
         # The default model is converted on first use: once per node, not by every rank at once.
@@ -299,6 +307,10 @@ def _train_lora(s: _Setup) -> TrainResult:
     labels = np.asarray(s.eval_set.labels)
     member_log_probs = None
     first_epoch = cfg.optim.epochs if state.stopped_early else state.epochs_done
+    if dist.is_main:
+        trainer.on_step = announce_duration(
+            trainer, cfg, first_epoch, s.eval_set, s.ood_set, s.holdout_set
+        )
     try:
         for epoch in range(first_epoch, cfg.optim.epochs):
             tick, tokens_before = time.perf_counter(), trainer.tokens_seen
