@@ -12,15 +12,19 @@ One invocation runs, on the same base model, questions and hyper-parameters:
   Inference: for each member switch adapters and run fixed-padded batches, full logits, then the
   label tokens' logits at the answer position.
 * **ours**: :class:`loraens.training.trainer.EnsembleTrainer` as shipped (all M members stacked
-  in one batch, length-grouped batches via ``schedule_seed``, autocast dtype from
-  ``resolve_runtime(device, precision)``, LM head at the answer position only), and
-  :func:`loraens.evaluation.inference.score_members` for inference.
+  in one batch, length-grouped batches via ``schedule_seed``, questions packed several per row
+  (``--packing``, ``--pack-tokens``), passes split to the memory budget
+  (``--memory-budget-gb``), autocast dtype from ``resolve_runtime(device, precision)``, LM head
+  at the answer position only), and :func:`loraens.evaluation.inference.score_members` for
+  inference. ``--precision fp32,bf16`` runs ours once per precision, side by side, each against
+  the same (fp32) reference.
 
 Both loops do ceil(N / batch) optimiser steps per member over the same N questions (one epoch),
 with the same per-member data seeds and initialisation seeds. Each is warmed up with one
 throw-away step first (outside the timing).
 
-Useful tokens are prompt tokens (no padding); processed tokens include padding.
+Useful tokens are prompt tokens (no padding); processed tokens include padding (with packing:
+the padding at the end of packed rows, and empty rows of members needing fewer rows).
 
 FLOP accounting (matmul FLOPs only, which is what the peak measures). Per row of ``n`` tokens
 processed at sequence length ``T`` (``n = T`` for a padded row; the "useful" count uses the
@@ -30,6 +34,8 @@ row's own length for both), with ``P`` = weights of every nn.Linear in the decod
 ``K`` = answer letters:
 
     forward  decoder   F(n, T) = n · (2·P + 2·P_lora + L·4·T·d_attn)
+                        (a packed row of T tokens counts attention over the whole row, as
+                        the masked attention computes it)
                         (2 FLOPs per weight per token; QKᵀ and AV are 2·T·d_attn each)
     training decoder   n · (2·2·P + 3·2·P_lora + 3·L·4·T·d_attn)
                         frozen base: the backward pass needs input gradients only, as many FLOPs
@@ -47,7 +53,8 @@ head included); "useful" FLOP/s counts only what the method needs (unpadded rows
 answer position), identical for both loops, so useful FLOP/s ratios equal token/s ratios. Both
 are reported as a fraction of the matmul peak measured in the same run (square matmuls,
 best of a few trials) for the dtype the loop computes in (ours: the autocast dtype; reference:
-fp32). Elementwise work (norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
+fp32). Only dtypes the hardware computes in natively are measured (bf16 on a CPU only with
+AVX512-BF16 or AMX), plus any a requested ``--precision`` computes in. Elementwise work (norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
 is where the gap to the peak goes.
 
 Peak memory of our training for a small and a large M (``--rss-members``, a couple of steps)
@@ -55,6 +62,9 @@ is measured in subprocesses of this script, each with its own peak (``VmHWM``, i
 on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), with one member per pass so that
 activations are the same size and the difference is the members' own state (weights, gradients,
 AdamW moments: about 4 × 1.8 MB per member for SmolLM2), never a second copy of the base.
+
+``--demo-rss`` runs ``loraens train --config configs/demo.yaml`` once per ``--precision``, each
+in a fresh process, and reports its wall time, peak RSS (VmHWM) and accuracy.
 
 With ``--profile`` auto/on, torch.profiler records our timed training epoch (a few µs per op
 against ops of milliseconds: well under 1% overhead) and the report lists the top ops per step.

@@ -13,6 +13,7 @@ from loraens.data.batching import epoch_order
 from loraens.data.packing import Row, plan_rows, rows_batch
 from loraens.data.prompts import EncodedQuestions
 from loraens.distributed import Dist
+from loraens.evaluation.inference import member_slices
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import batch_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
@@ -144,17 +145,21 @@ class EnsembleTrainer:
         losses = np.zeros(n_members)
         if len(batches[0]) == 0:  # data mode, a last batch smaller than the member's ranks
             return losses
-        layout = plan_rows(batches, self.lengths, self.runtime.row_tokens)
-        n_rows = len(layout[0])
-        width = max(sum(self.lengths[i] for i in row) for rows in layout for row in rows)
-        per_pass, rows_per_pass = split_passes(
-            n_members, n_rows, width, self.budget_tokens, self.members_per_pass
-        )
-        for start in range(0, n_members, per_pass):
-            members = slice(start, min(start + per_pass, n_members))
-            for first in range(0, n_rows, rows_per_pass):
-                rows = [row for rows in layout[members] for row in rows[first:][:rows_per_pass]]
-                losses[members] += self._backward(members, rows, full_size)
+        # Each group of members_per_pass members is laid out on its own, so a process holding
+        # some members (distributed members mode) computes exactly what a single process
+        # computes for that group.
+        for group in member_slices(n_members, self.members_per_pass):
+            layout = plan_rows(batches[group], self.lengths, self.runtime.row_tokens)
+            n_rows = len(layout[0])
+            width = max(sum(self.lengths[i] for i in row) for rows in layout for row in rows)
+            size = group.stop - group.start
+            per_pass, rows_per_pass = split_passes(size, n_rows, width, self.budget_tokens, None)
+            for start in range(0, size, per_pass):
+                part = slice(start, min(start + per_pass, size))
+                members = slice(group.start + part.start, group.start + part.stop)
+                for first in range(0, n_rows, rows_per_pass):
+                    rows = [row for rows in layout[part] for row in rows[first:][:rows_per_pass]]
+                    losses[members] += self._backward(members, rows, full_size)
         return losses
 
     def _backward(self, members: slice, rows: list[Row], full_size: int) -> np.ndarray:
