@@ -54,7 +54,8 @@ answer position), identical for both loops, so useful FLOP/s ratios equal token/
 are reported as a fraction of the matmul peak measured in the same run (square matmuls,
 best of a few trials) for the dtype the loop computes in (ours: the autocast dtype; reference:
 fp32). Only dtypes the hardware computes in natively are measured (bf16 on a CPU only with
-AVX512-BF16 or AMX), plus any a requested ``--precision`` computes in. Elementwise work (norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
+AVX512-BF16 or AMX), plus any a requested ``--precision`` computes in. Elementwise work
+(norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
 is where the gap to the peak goes.
 
 Peak memory of our training for a small and a large M (``--rss-members``, a couple of steps)

@@ -183,7 +183,7 @@ class RuntimeConfig:
     memory_budget_gb: float | None = None
     """GB of activations a training pass may keep for backward; each step is split into
     passes (gradient accumulation over parts of every member's batch, exact) that fit. None:
-    min(1.5, a quarter of the available memory) on CPU, half the free memory on CUDA. The
+    min(1, a quarter of the available memory) on CPU, half the free memory on CUDA. The
     process's peak is roughly the model's weights plus this plus ~0.5 GB."""
     eval_batch_size: int = 32
     """Questions per evaluation pass (each replicated for every member in the pass)."""

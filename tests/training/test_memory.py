@@ -149,4 +149,4 @@ def test_memory_budget_resolution():
     cpu = torch.device("cpu")
     assert resolve_budget(2.5, cpu) == 2.5e9
     auto = resolve_budget(None, cpu)
-    assert 0 < auto <= 1.5e9
+    assert 0 < auto <= 1e9
