@@ -12,15 +12,19 @@ One invocation runs, on the same base model, questions and hyper-parameters:
   Inference: for each member switch adapters and run fixed-padded batches, full logits, then the
   label tokens' logits at the answer position.
 * **ours**: :class:`loraens.training.trainer.EnsembleTrainer` as shipped (all M members stacked
-  in one batch, length-grouped batches via ``schedule_seed``, autocast dtype from
-  ``resolve_runtime(device, precision)``, LM head at the answer position only), and
-  :func:`loraens.evaluation.inference.score_members` for inference.
+  in one batch, length-grouped batches via ``schedule_seed``, questions packed several per row
+  (``--packing``, ``--pack-tokens``), passes split to the memory budget
+  (``--memory-budget-gb``), autocast dtype from ``resolve_runtime(device, precision)``, LM head
+  at the answer position only), and :func:`loraens.evaluation.inference.score_members` for
+  inference. ``--precision fp32,bf16`` runs ours once per precision, side by side, each against
+  the same (fp32) reference.
 
 Both loops do ceil(N / batch) optimiser steps per member over the same N questions (one epoch),
 with the same per-member data seeds and initialisation seeds. Each is warmed up with one
 throw-away step first (outside the timing).
 
-Useful tokens are prompt tokens (no padding); processed tokens include padding.
+Useful tokens are prompt tokens (no padding); processed tokens include padding (with packing:
+the padding at the end of packed rows, and empty rows of members needing fewer rows).
 
 FLOP accounting (matmul FLOPs only, which is what the peak measures). Per row of ``n`` tokens
 processed at sequence length ``T`` (``n = T`` for a padded row; the "useful" count uses the
@@ -30,6 +34,8 @@ row's own length for both), with ``P`` = weights of every nn.Linear in the decod
 ``K`` = answer letters:
 
     forward  decoder   F(n, T) = n · (2·P + 2·P_lora + L·4·T·d_attn)
+                        (a packed row of T tokens counts attention over the whole row, as
+                        the masked attention computes it)
                         (2 FLOPs per weight per token; QKᵀ and AV are 2·T·d_attn each)
     training decoder   n · (2·2·P + 3·2·P_lora + 3·L·4·T·d_attn)
                         frozen base: the backward pass needs input gradients only, as many FLOPs
@@ -47,7 +53,9 @@ head included); "useful" FLOP/s counts only what the method needs (unpadded rows
 answer position), identical for both loops, so useful FLOP/s ratios equal token/s ratios. Both
 are reported as a fraction of the matmul peak measured in the same run (square matmuls,
 best of a few trials) for the dtype the loop computes in (ours: the autocast dtype; reference:
-fp32). Elementwise work (norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
+fp32). Only dtypes the hardware computes in natively are measured (bf16 on a CPU only with
+AVX512-BF16 or AMX), plus any a requested ``--precision`` computes in. Elementwise work
+(norms, softmax, SiLU, RoPE, autocast casts, AdamW) is not counted: it
 is where the gap to the peak goes.
 
 Peak memory of our training for a small and a large M (``--rss-members``, a couple of steps)
@@ -55,6 +63,9 @@ is measured in subprocesses of this script, each with its own peak (``VmHWM``, i
 on CPU; ``torch.cuda.max_memory_allocated`` on CUDA), with one member per pass so that
 activations are the same size and the difference is the members' own state (weights, gradients,
 AdamW moments: about 4 × 1.8 MB per member for SmolLM2), never a second copy of the base.
+
+``--demo-rss`` runs ``loraens train --config configs/demo.yaml`` once per ``--precision``, each
+in a fresh process, and reports its wall time, peak RSS (VmHWM) and accuracy.
 
 With ``--profile`` auto/on, torch.profiler records our timed training epoch (a few µs per op
 against ops of milliseconds: well under 1% overhead) and the report lists the top ops per step.
@@ -75,6 +86,7 @@ import os
 import platform
 import random
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -88,12 +100,13 @@ from torch.nn import functional as F
 
 from loraens.config import OptimConfig
 from loraens.data.batching import epoch_order
+from loraens.data.packing import plan_rows
 from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
 from loraens.data.tasks import TASKS, load_task
-from loraens.evaluation.inference import member_slices, score_members
+from loraens.evaluation.inference import score_members
 from loraens.models.loading import DEFAULT_MODEL, load_base_model
 from loraens.models.lora import LoRAEnsemble
-from loraens.runtime import Runtime, resolve_runtime
+from loraens.runtime import Runtime, cpu_supports_bf16, resolve_runtime
 from loraens.training.optim import build_optimizer
 from loraens.training.seeds import member_seeds, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
@@ -112,7 +125,33 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-questions", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=None, help="default: the paper's per task")
     p.add_argument("--eval-batch-size", type=int, default=32, help="questions per eval pass")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument(
+        "--precision",
+        default="auto",
+        help="auto, fp32, bf16, fp16, or several side by side (e.g. fp32,bf16), each against "
+        "the same reference",
+    )
+    p.add_argument(
+        "--packing", default="on", choices=["on", "off"], help="ours: runtime.packing"
+    )
+    p.add_argument("--pack-tokens", type=int, default=256, help="ours: runtime.pack_tokens")
+    p.add_argument(
+        "--memory-budget-gb", type=float, default=None, help="ours: runtime.memory_budget_gb"
+    )
+    p.add_argument(
+        "--demo-rss",
+        action="store_true",
+        help="also run `loraens train --config configs/demo.yaml` once per precision, each in "
+        "its own process, and report its wall time and peak RSS",
+    )
+    p.add_argument("--demo-config", type=Path, default=REPO / "configs" / "demo.yaml")
+    p.add_argument(
+        "--demo-override",
+        default="",
+        help="extra `loraens train` flags for --demo-rss, as one string: "
+        "--demo-override='--optim.epochs 1 --data.eval_limit 50'",
+    )
+    p.add_argument("--demo-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument(
@@ -136,6 +175,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--members-per-pass", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.precisions = [x.strip() for x in args.precision.split(",") if x.strip()]
+    bad = [x for x in args.precisions if x not in ("auto", "fp32", "bf16", "fp16")]
+    if bad or not args.precisions:
+        p.error(f"--precision takes auto, fp32, bf16, fp16 separated by commas; got {bad}")
+    args.precision = args.precisions[0]  # what the memory subprocesses use
     if args.reference_pad != "longest" and not args.reference_pad.isdigit():
         p.error("--reference-pad must be 'longest' or a positive integer")
     return args
@@ -223,11 +267,21 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, m: int, k: int, n: int
     return best
 
 
-def measure_peaks(device: torch.device, shape: ModelShape, rows: int) -> dict:
-    size = 2048 if device.type == "cpu" else 8192
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+ALL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def native_dtypes(device: torch.device) -> list[str]:
+    """Dtypes the hardware computes matmuls in natively: on a CPU without AVX512-BF16 or AMX,
+    bf16 is emulated (measuring its peak takes minutes to report a tiny number)."""
     if device.type == "cuda":
-        dtypes["fp16"] = torch.float16
+        return ["fp32", "bf16", "fp16"]
+    return ["fp32", "bf16"] if cpu_supports_bf16() else ["fp32"]
+
+
+def measure_peaks(device: torch.device, shape: ModelShape, rows: int, names: list[str]) -> dict:
+    """Matmul peaks of the dtypes ``names`` (the native ones plus any a loop computes in)."""
+    size = 2048 if device.type == "cpu" else 8192
+    dtypes = {name: ALL_DTYPES[name] for name in names}
     square = {name: matmul_peak(device, dt, size, size, size) for name, dt in dtypes.items()}
     # The model's own largest matmul (MLP up-projection over one stacked batch), for context.
     tokens = min(max(rows, 256), 8192)
@@ -312,6 +366,17 @@ def pass_flops(
     return total
 
 
+def rows_flops(
+    shape: ModelShape, rows: int, width: int, questions: int, training: bool, head: str, k: int
+) -> float:
+    """FLOPs of a pass of ``rows`` rows of ``width`` tokens (packed or padded: attention is
+    computed over the whole row either way) holding ``questions`` answer positions."""
+    columns = shape.vocab if head == "answer" else k
+    return rows * shape.decoder(width, width, training) + shape.head(
+        questions, columns, training
+    )
+
+
 def useful_flops(shape: ModelShape, lengths: list[int], members: int, training: bool, k: int):
     head = "answer" if training else "labels"
     return members * pass_flops(shape, lengths, None, training, head, k)
@@ -344,11 +409,13 @@ def load_data(args, tokenizer, n_train: int, n_eval: int):
     )
 
 
-def full_split_padding(args, tokenizer) -> dict:
+def full_split_padding(args, tokenizer, runtime: Runtime) -> dict:
     """Processed / useful tokens over the task's whole splits, for both loops (no model run).
 
     Length grouping works on groups of 8 batches, so a benchmark slice of a few batches gains
-    nothing from it; this shows the padding a real epoch (and a full evaluation) carries.
+    nothing from it; this shows the padding a real epoch (and a full evaluation) carries, with
+    ours laid out as ``runtime`` lays it out (packed or not; before any split into passes to
+    fit the memory budget, which can only shorten rows).
     """
     train_qs, eval_qs = load_task(args.task)
     train = [len(ids) for ids in encode_questions(tokenizer, train_qs, MAX_LENGTH).input_ids]
@@ -360,13 +427,14 @@ def full_split_padding(args, tokenizer) -> dict:
     ]
     processed = 0
     for step in range(len(orders[0])):
-        rows = [train[i] for order in orders for i in order[step]]
-        processed += len(rows) * max(rows)
-    by_length = sorted(evals, reverse=True)
-    eval_processed = sum(
-        len(by_length[i : i + args.eval_batch_size]) * by_length[i]
-        for i in range(0, len(evals), args.eval_batch_size)
-    )
+        layout = plan_rows([order[step] for order in orders], train, runtime.row_tokens)
+        width = max(sum(train[i] for i in row) for rows in layout for row in rows)
+        processed += m * len(layout[0]) * width
+    by_length = np.argsort([-n for n in evals], kind="stable")
+    eval_processed = 0
+    for i in range(0, len(evals), args.eval_batch_size):
+        rows = plan_rows([by_length[i : i + args.eval_batch_size]], evals, runtime.row_tokens)[0]
+        eval_processed += len(rows) * max(sum(evals[j] for j in row) for row in rows)
     return {
         "train_questions": len(train),
         "eval_questions": len(evals),
@@ -515,30 +583,19 @@ def make_trainer(ensemble, args, runtime, train_set, label_ids, members, members
     )
 
 
-def ours_train_passes(trainer: EnsembleTrainer) -> list[tuple[list[int], int]]:
-    """(row lengths, padded length) of every pass of epoch 0, exactly as the trainer builds them."""
-    orders = [
-        epoch_order(trainer.lengths, trainer.batch_size, seed, 0, trainer.schedule_seed)
-        for seed in trainer.data_seeds
-    ]
-    passes = []
-    for step in range(trainer.steps_per_epoch()):
-        for members in trainer.slices:
-            rows = [trainer.lengths[i] for m in range(members.start, members.stop)
-                    for i in orders[m][step]]  # fmt: skip
-            passes.append((rows, max(rows)))
-    return passes
-
-
-def ours_eval_passes(encoded: EncodedQuestions, batch_size: int, members: int):
-    """(row lengths, padded length) of every pass of ``score_members`` (longest first)."""
+def ours_eval_passes(
+    encoded: EncodedQuestions, batch_size: int, members: int, runtime: Runtime
+) -> list[tuple[int, int, int]]:
+    """(rows, row length, questions) of every pass of ``score_members``, rebuilt the same way
+    (longest first, each batch laid out once and replicated per member)."""
     lengths = [len(ids) for ids in encoded.input_ids]
     order = np.argsort([-n for n in lengths], kind="stable")
     passes = []
     for i in range(0, len(order), batch_size):
-        rows = [lengths[j] for j in order[i : i + batch_size]]
-        for group in member_slices(members, None):
-            passes.append((rows * (group.stop - group.start), max(rows)))
+        batch = order[i : i + batch_size]
+        rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
+        width = max(sum(lengths[j] for j in row) for row in rows)
+        passes.append((len(rows) * members, width, len(batch) * members))
     return passes
 
 
@@ -551,6 +608,7 @@ def run_ours(args, base, shape, train_set, eval_set, label_ids, runtime) -> dict
     warm.train_epoch(0)
     ensemble.init_members(member_seeds(args.seed, m_count, "init"))
     trainer = make_trainer(ensemble, args, runtime, train_set, label_ids, m_count)
+    trainer.pass_log = []
     out: dict = {}
     # The profiler (if on) records the timed epoch itself: a few µs per op against ops of
     # milliseconds, so it costs well under 1% and saves a separate, equally long profiled step.
@@ -561,27 +619,39 @@ def run_ours(args, base, shape, train_set, eval_set, label_ids, runtime) -> dict
         out["_profile"] = summarize_profile(
             prof, trainer.steps_per_epoch(), runtime.device.type == "cuda"
         )
-    passes = ours_train_passes(trainer)
+    passes = trainer.pass_log
     out["train_steps_per_member"] = trainer.steps_per_epoch()
     out["train_mean_loss"] = float(np.mean(losses))
     out["train_useful_tokens"] = trainer.tokens_seen
-    assert trainer.tokens_seen == sum(sum(rows) for rows, _ in passes)
-    out["train_processed_tokens"] = sum(len(rows) * t for rows, t in passes)
-    out["train_flops"] = sum(pass_flops(shape, rows, t, True, "answer", 0) for rows, t in passes)
-    out["train_rows_per_pass"] = max(len(rows) for rows, _ in passes)
+    out["train_processed_tokens"] = trainer.tokens_processed
+    assert trainer.tokens_processed == sum(rows * width for rows, width, _ in passes)
+    out["train_flops"] = sum(rows_flops(shape, rows, width, len(q), True, "answer", 0)
+                             for rows, width, q in passes)  # fmt: skip
+    out["train_passes_per_step"] = len(passes) / trainer.steps_per_epoch()
+    out["train_rows_per_pass"] = max(rows for rows, _, _ in passes)
+    out["train_tokens_per_pass"] = max(rows * width for rows, width, _ in passes)
 
     k = len(label_ids)
     score_members(ensemble, subset(eval_set, range(args.eval_batch_size)), label_ids, runtime,
                   batch_size=args.eval_batch_size)  # fmt: skip
     with timer(device, out, "infer_seconds", "ours inference"):
         score_members(ensemble, eval_set, label_ids, runtime, batch_size=args.eval_batch_size)
-    passes = ours_eval_passes(eval_set, args.eval_batch_size, m_count)
+    passes = ours_eval_passes(eval_set, args.eval_batch_size, m_count, runtime)
     out["infer_useful_tokens"] = m_count * sum(len(ids) for ids in eval_set.input_ids)
-    out["infer_processed_tokens"] = sum(len(rows) * t for rows, t in passes)
-    out["infer_flops"] = sum(pass_flops(shape, rows, t, False, "labels", k) for rows, t in passes)
+    out["infer_processed_tokens"] = sum(rows * width for rows, width, _ in passes)
+    out["infer_flops"] = sum(rows_flops(shape, rows, width, q, False, "labels", k)
+                             for rows, width, q in passes)  # fmt: skip
     out["dtype"] = dtype_name(runtime.autocast_dtype)
-    out["_ensemble"] = ensemble
+    unwrap(ensemble)  # the base model as it was, for the next precision
     return out
+
+
+def unwrap(ensemble: LoRAEnsemble) -> None:
+    """Put the base model's own projections back in place of the LoRA layers."""
+    model = ensemble.model
+    for name, layer in ensemble.lora_layers.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base)
 
 
 def dtype_name(dtype: torch.dtype | None) -> str:
@@ -661,8 +731,18 @@ def current_rss_mb() -> float:
     return rss if rss is not None else float("nan")
 
 
+def ours_runtime(args, precision: str) -> Runtime:
+    return resolve_runtime(
+        args.device,
+        precision,
+        packing=args.packing == "on",
+        pack_tokens=args.pack_tokens,
+        memory_budget_gb=args.memory_budget_gb,
+    )
+
+
 def rss_child(args) -> None:
-    runtime = resolve_runtime(args.device, args.precision)
+    runtime = ours_runtime(args, args.precision)
     base = load_base_model(args.model, device=runtime.device)
     bs = args.rss_batch_size
     train_set, _, label_ids = load_data(args, base.tokenizer, bs * args.rss_steps, 1)
@@ -700,13 +780,57 @@ def run_memory(args) -> list[dict]:
             "--members-per-pass", "1", "--model", args.model, "--task", args.task,
             "--precision", args.precision, "--device", args.device, "--seed", str(args.seed),
             "--rss-batch-size", str(args.rss_batch_size), "--rss-steps", str(args.rss_steps),
+            "--packing", args.packing, "--pack-tokens", str(args.pack_tokens),
         ]  # fmt: skip
+        if args.memory_budget_gb is not None:
+            cmd += ["--memory-budget-gb", str(args.memory_budget_gb)]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if proc.returncode != 0:
             raise RuntimeError(f"memory subprocess for M={members} failed:\n{proc.stderr[-3000:]}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    return results
+
+
+def demo_child(args) -> None:
+    """Run `loraens train` on the demo config in this (fresh) process; print time and peak."""
+    from loraens.cli.main import main as cli
+
+    precision, out = args.demo_child.split(":", 1)
+    start = time.perf_counter()
+    flags = ["--runtime.precision", precision, "--runtime.progress", "false"]
+    flags += shlex.split(args.demo_override)
+    cli(["train", "--config", str(args.demo_config), "--out", out, *flags])
+    result = {
+        "precision": precision,
+        "wall_seconds": time.perf_counter() - start,
+        "peak_rss_mb": peak_rss_mb(),
+        "summary": json.loads((Path(out) / "summary.json").read_text()),
+    }
+    print(json.dumps(result))
+
+
+def run_demo(args) -> list[dict]:
+    """The demo's wall time and peak RSS (VmHWM of its own process), once per precision."""
+    import tempfile
+
+    results = []
+    for precision in args.precisions:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, __file__, "--demo-child", f"{precision}:{tmp}/run",
+                   "--demo-config", str(args.demo_config),
+                   f"--demo-override={args.demo_override}"]  # fmt: skip
+            if args.threads:
+                cmd += ["--threads", str(args.threads)]
+            note(f"demo run, precision {precision}")
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
+        if proc.returncode != 0:
+            raise RuntimeError(f"demo run ({precision}) failed:\n{proc.stderr[-3000:]}")
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        note(f"demo {precision}: {result['wall_seconds']:.0f} s, peak RSS "
+             f"{result['peak_rss_mb']:.0f} MB")  # fmt: skip
+        results.append(result)
     return results
 
 
@@ -739,6 +863,43 @@ def summarize(raw: dict, shape: ModelShape, peaks: dict, phase: str, lengths, me
         "achieved_fraction_of_peak": flops / seconds / peak,
         "useful_fraction_of_peak": useful / seconds / peak,
     }
+
+
+def phase_tables(reference: dict | None, section: dict, precision: str, width: int) -> list[str]:
+    """Training and inference tables of one precision of ours against the reference."""
+    lines: list[str] = []
+    for phase in ("train", "infer"):
+        ref, ours = (reference or {}).get(phase), section[phase]
+        title = f"{'TRAINING' if phase == 'train' else 'INFERENCE'} (ours: {precision})"
+        lines.append("")
+        lines.append(f"{title:<{width}}{'reference':>14}{'ours':>14}{'ours/ref':>10}")
+
+        def row(label, key, fmt, ratio=True, scale=1.0, ref=ref, ours=ours):
+            r = ref[key] * scale if ref else None
+            o = ours[key] * scale
+            cells = [f"{r:>14{fmt}}" if r is not None else f"{'-':>14}", f"{o:>14{fmt}}"]
+            rat = f"{o / r:>10.2f}" if (ratio and r) else f"{'':>10}"
+            lines.append(f"  {label:<{width - 2}}" + "".join(cells) + rat)
+
+        lines.append(f"  {'dtype':<{width - 2}}{ref['dtype'] if ref else '-':>14}"
+                     f"{ours['dtype']:>14}")  # fmt: skip
+        row("wall time (s)", "seconds", ".1f")
+        row("load average (1 min) at end", "load_avg_1min_after", ".2f", ratio=False)
+        row("useful tokens/s", "useful_tokens_per_s", ".0f")
+        row("processed tokens/s (incl. pad)", "processed_tokens_per_s", ".0f")
+        row("processed / useful tokens", "padding_overhead", ".2f", ratio=False)
+        row("GFLOP per useful token", "flops_per_useful_token", ".3f", scale=1e-9)
+        row("GFLOP per processed token", "flops_per_processed_token", ".3f", scale=1e-9)
+        row("achieved GFLOP/s", "achieved_flops_per_s", ".1f", scale=1e-9)
+        row("  fraction of peak (own dtype)", "achieved_fraction_of_peak", ".1%", ratio=False)
+        row("useful GFLOP/s", "useful_flops_per_s", ".1f", scale=1e-9)
+        row("  fraction of peak (own dtype)", "useful_fraction_of_peak", ".1%", ratio=False)
+        if phase == "train":
+            row("mean training loss (sanity)", "mean_loss", ".3f", ratio=False)
+            details = section["details"]
+            lines.append(f"  ours: {details['train_passes_per_step']:.1f} passes per step, at most "
+                         f"{details['train_tokens_per_pass']} tokens per pass")  # fmt: skip
+    return lines
 
 
 def format_report(result: dict) -> str:
@@ -776,34 +937,8 @@ def format_report(result: dict) -> str:
         f"reference {full['infer']['reference']:.2f}"
     )
     width = 34
-    for phase in ("train", "infer"):
-        ref, ours = result.get("reference", {}).get(phase), result["ours"][phase]
-        title = "TRAINING" if phase == "train" else "INFERENCE"
-        lines.append("")
-        lines.append(f"{title:<{width}}{'reference':>14}{'ours':>14}{'ours/ref':>10}")
-
-        def row(label, key, fmt, ratio=True, scale=1.0, ref=ref, ours=ours):
-            r = ref[key] * scale if ref else None
-            o = ours[key] * scale
-            cells = [f"{r:>14{fmt}}" if r is not None else f"{'-':>14}", f"{o:>14{fmt}}"]
-            rat = f"{o / r:>10.2f}" if (ratio and r) else f"{'':>10}"
-            lines.append(f"  {label:<{width - 2}}" + "".join(cells) + rat)
-
-        lines.append(f"  {'dtype':<{width - 2}}{ref['dtype'] if ref else '-':>14}"
-                     f"{ours['dtype']:>14}")  # fmt: skip
-        row("wall time (s)", "seconds", ".1f")
-        row("load average (1 min) at end", "load_avg_1min_after", ".2f", ratio=False)
-        row("useful tokens/s", "useful_tokens_per_s", ".0f")
-        row("processed tokens/s (incl. pad)", "processed_tokens_per_s", ".0f")
-        row("processed / useful tokens", "padding_overhead", ".2f", ratio=False)
-        row("GFLOP per useful token", "flops_per_useful_token", ".3f", scale=1e-9)
-        row("GFLOP per processed token", "flops_per_processed_token", ".3f", scale=1e-9)
-        row("achieved GFLOP/s", "achieved_flops_per_s", ".1f", scale=1e-9)
-        row("  fraction of peak (own dtype)", "achieved_fraction_of_peak", ".1%", ratio=False)
-        row("useful GFLOP/s", "useful_flops_per_s", ".1f", scale=1e-9)
-        row("  fraction of peak (own dtype)", "useful_fraction_of_peak", ".1%", ratio=False)
-        if phase == "train":
-            row("mean training loss (sanity)", "mean_loss", ".3f", ratio=False)
+    for precision, section in result["ours_by_precision"].items():
+        lines += phase_tables(result.get("reference"), section, precision, width)
     if result.get("memory"):
         lines.append("")
         lines.append("PEAK MEMORY of our training (own subprocess each, one member per pass)")
@@ -821,6 +956,14 @@ def format_report(result: dict) -> str:
             per = (b["peak_rss_mb"] - a["peak_rss_mb"]) / max(b["members"] - a["members"], 1)
             lines.append(f"  → {per:.1f} MB per extra member (weights + grads + AdamW moments "
                          f"≈ 4× LoRA weights)")  # fmt: skip
+    for demo in result.get("demo", []):
+        table = demo["summary"]["table"]
+        accuracy = ", ".join(f"{k} acc {v.get('accuracy', float('nan')):.3f}"
+                             for k, v in table.items())  # fmt: skip
+        lines.append(
+            f"DEMO (--precision {demo['precision']}): {demo['wall_seconds']:.0f} s wall, peak RSS "
+            f"{demo['peak_rss_mb']:.0f} MB; {accuracy}"
+        )
     if result.get("profile"):
         prof = result["profile"]
         lines.append("")
@@ -858,9 +1001,16 @@ def main(argv=None) -> dict:
     if args.rss_child:
         rss_child(args)
         return {}
+    if args.demo_child:
+        demo_child(args)
+        return {}
     started = time.perf_counter()
-    runtime = resolve_runtime(args.device, args.precision)
+    runtimes = {precision: ours_runtime(args, precision) for precision in args.precisions}
+    runtime = runtimes[args.precision]
     device = runtime.device
+    dtypes = native_dtypes(device)
+    dtypes += [dtype_name(rt.autocast_dtype) for rt in runtimes.values()
+               if dtype_name(rt.autocast_dtype) not in dtypes]  # fmt: skip
     env = environment(device)
     base = load_base_model(args.model, device=device)
     shape = ModelShape.of(base.model, RANK, TARGETS)
@@ -871,7 +1021,7 @@ def main(argv=None) -> dict:
     train_lengths = [len(ids) for ids in train_set.input_ids]
     eval_lengths = [len(ids) for ids in eval_set.input_ids]
     note(f"model and data loaded; measuring the matmul peak on {device}")
-    peaks = measure_peaks(device, shape, args.members * args.batch_size * 64)
+    peaks = measure_peaks(device, shape, args.members * args.batch_size * 64, dtypes)
     note(
         "peak: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in peaks["square_flops"].items())
     )
@@ -886,6 +1036,10 @@ def main(argv=None) -> dict:
             "batch_size": args.batch_size,
             "eval_batch_size": args.eval_batch_size,
             "precision": args.precision,
+            "precisions": args.precisions,
+            "packing": args.packing,
+            "pack_tokens": args.pack_tokens,
+            "memory_budget_gb": args.memory_budget_gb,
             "reference_pad": args.reference_pad,
             "seed": args.seed,
             "lora": {"rank": RANK, "alpha": ALPHA, "targets": list(TARGETS)},
@@ -901,7 +1055,7 @@ def main(argv=None) -> dict:
             },
         },  # fmt: skip
         "environment": env,
-        "full_split_padding": full_split_padding(args, base.tokenizer),
+        "full_split_padding": full_split_padding(args, base.tokenizer, runtime),
         "model_shape": shape.__dict__,
         "peak": peaks,
     }
@@ -921,17 +1075,25 @@ def main(argv=None) -> dict:
         ref = run_reference(args, base, shape, train_set, eval_set, label_ids, device)
         base = dataclasses.replace(base, model=ref.pop("_base_model"))
         result["reference"] = phases(ref)
-    ours_raw = run_ours(args, base, shape, train_set, eval_set, label_ids, runtime)
-    result["ours"] = phases(ours_raw)
+    result["ours_by_precision"] = {}
+    profile = None
+    for precision, rt in runtimes.items():
+        note(f"ours, precision {precision} ({dtype_name(rt.autocast_dtype)})")
+        ours_raw = run_ours(args, base, shape, train_set, eval_set, label_ids, rt)
+        profile = profile or ours_raw.pop("_profile", None)
+        result["ours_by_precision"][precision] = phases(ours_raw)
+    result["ours"] = result["ours_by_precision"][args.precision]  # the first, as before
     if "reference" in result:
         result["ours_over_reference"] = {
-            phase: {
-                "useful_tokens_per_s": result["ours"][phase]["useful_tokens_per_s"]
-                / result["reference"][phase]["useful_tokens_per_s"]
+            precision: {
+                phase: {
+                    "useful_tokens_per_s": ours[phase]["useful_tokens_per_s"]
+                    / result["reference"][phase]["useful_tokens_per_s"]
+                }
+                for phase in ("train", "infer")
             }
-            for phase in ("train", "infer")
+            for precision, ours in result["ours_by_precision"].items()
         }
-    profile = ours_raw.pop("_profile", None)
     del ours_raw, base
     gc.collect()
     if not args.skip_memory:
@@ -939,16 +1101,20 @@ def main(argv=None) -> dict:
         result["memory"] = run_memory(args)
     # Other processes may share the machine: measure the peak again and keep the best of both.
     note("measuring the matmul peak again")
-    again = measure_peaks(device, shape, args.members * args.batch_size * 64)
+    again = measure_peaks(device, shape, args.members * args.batch_size * 64, dtypes)
     peaks["square_flops_at_start"] = dict(peaks["square_flops"])
     peaks["square_flops_at_end"] = again["square_flops"]
     for key in ("square_flops", "mlp_shape_flops"):
         for name, value in again[key].items():
             peaks[key][name] = max(peaks[key][name], value)
-    for section in ("reference", "ours"):
+    if args.demo_rss:
+        note("demo runs")
+        result["demo"] = run_demo(args)
+    sections = [result.get("reference"), *result["ours_by_precision"].values()]
+    for section in sections:
         for phase in ("train", "infer"):
-            if section in result:
-                stats = result[section][phase]
+            if section is not None:
+                stats = section[phase]
                 stats["peak_flops_per_s"] = peaks["square_flops"][stats["dtype"]]
                 for kind in ("achieved", "useful"):
                     stats[f"{kind}_fraction_of_peak"] = (

@@ -197,7 +197,21 @@ class RuntimeConfig:
     """Autocast dtype for forward/backward: auto picks bf16 where the hardware supports it
     (fp16 on older GPUs), fp32 otherwise. Loss, metrics and adapters stay float32."""
     members_per_pass: int | None = None
-    """Members stacked in one forward/backward pass (None: all); lower it to bound memory."""
+    """Most members stacked in one forward/backward pass (None: all). Memory is bounded
+    automatically by runtime.memory_budget_gb; this is an extra upper limit."""
+    packing: bool = True
+    """Pack several questions of a member end to end in one row (each with its own positions,
+    attending to itself only) instead of padding every question to the longest: far fewer
+    padding tokens. Off: one right-padded question per row. Same results within float
+    rounding."""
+    pack_tokens: int = 256
+    """Token budget of a packed row (a longer question gets a row of its own). Longer rows pad
+    less but spend more on attention, which is computed over the whole row."""
+    memory_budget_gb: float | None = None
+    """GB of activations a training pass may keep for backward; each step is split into
+    passes (gradient accumulation over parts of every member's batch, exact) that fit. None:
+    min(1, a quarter of the available memory) on CPU, half the free memory on CUDA. The
+    process's peak is roughly the model's weights plus this plus ~0.5 GB."""
     eval_batch_size: int = 32
     """Questions per evaluation pass (each replicated for every member in the pass)."""
     eval_every: int = 1
@@ -213,6 +227,11 @@ class RuntimeConfig:
         _require(
             self.members_per_pass is None or self.members_per_pass >= 1,
             f"runtime.members_per_pass must be >= 1, got {self.members_per_pass}",
+        )
+        _require(self.pack_tokens >= 16, "runtime.pack_tokens must be >= 16")
+        _require(
+            self.memory_budget_gb is None or self.memory_budget_gb > 0,
+            f"runtime.memory_budget_gb must be > 0, got {self.memory_budget_gb}",
         )
         _require(self.eval_batch_size >= 1, "runtime.eval_batch_size must be >= 1")
         _require(self.eval_every >= 1, "runtime.eval_every must be >= 1")

@@ -12,6 +12,16 @@ import torch
 class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None  # None: plain fp32
+    # How passes are shaped (runtime.packing, .pack_tokens, .memory_budget_gb): speed and
+    # memory only, results agree within float tolerance whatever these are.
+    packing: bool = True
+    pack_tokens: int = 256
+    memory_budget_gb: float | None = None  # None: derived from the free memory (trainer)
+
+    @property
+    def row_tokens(self) -> int | None:
+        """Token budget of a packed row, None when every question gets a row of its own."""
+        return self.pack_tokens if self.packing else None
 
     def autocast(self):
         if self.autocast_dtype is None:
@@ -36,7 +46,14 @@ def cpu_supports_bf16() -> bool:
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
+def resolve_runtime(
+    device: str = "auto",
+    precision: str = "auto",
+    *,
+    packing: bool = True,
+    pack_tokens: int = 256,
+    memory_budget_gb: float | None = None,
+) -> Runtime:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -50,7 +67,7 @@ def resolve_runtime(device: str = "auto", precision: str = "auto") -> Runtime:
             precision = "bf16" if cpu_supports_bf16() else "fp32"
     if precision not in dtypes:
         raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}.")
-    return Runtime(device=dev, autocast_dtype=dtypes[precision])
+    return Runtime(dev, dtypes[precision], packing, pack_tokens, memory_budget_gb)
 
 
 def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:

@@ -9,11 +9,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loraens.data.batching import collate
+from loraens.data.packing import plan_rows, rows_batch
 from loraens.data.prompts import EncodedQuestions
 from loraens.evaluation.metrics import normalize_label_log_probs
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import answer_hidden_states, label_logits
+from loraens.models.scoring import batch_hidden_states, label_logits
 from loraens.runtime import Runtime
 
 
@@ -42,7 +42,9 @@ def score_members(
     all of their answer distributions; options a question does not have are -inf. With
     ``mc_dropout_passes`` > 1 adapter dropout stays on and each member's rows are replicated
     that many times more: every copy draws its own dropout mask, giving MC dropout's stochastic
-    passes in the same single forward. ``questions`` limits scoring to those question indices
+    passes in the same single forward. With ``runtime.packing`` a batch's questions are packed
+    into rows once (see :mod:`loraens.data.packing`) and the rows replicated per member.
+    ``questions`` limits scoring to those question indices
     (a rank's share in a distributed run); the other questions' rows stay -inf.
     """
     n = len(encoded)
@@ -54,28 +56,27 @@ def score_members(
     model.eval()
     pool = np.arange(n) if questions is None else np.asarray(questions, dtype=int)
     # Longest prompts first: each batch is then padded to lengths close to its own.
-    order = pool[np.argsort([-len(encoded.input_ids[i]) for i in pool], kind="stable")]
+    lengths = [len(ids) for ids in encoded.input_ids]
+    order = pool[np.argsort([-lengths[i] for i in pool], kind="stable")]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     slices = member_slices(ensemble.n_members, members_per_pass)
     dropout = ensemble.dropout_active() if passes > 1 else contextlib.nullcontext()
     try:
         with torch.inference_mode(), runtime.autocast(), dropout:
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+                rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
                 for members in slices:
                     n_active = (members.stop - members.start) * passes
-                    inputs = collate(encoded, [batch] * n_active, pad_id=0)
+                    inputs = rows_batch(encoded, rows * n_active, 0, packed=runtime.packing)
                     with ensemble.members(members):
-                        hidden = answer_hidden_states(
-                            model,
-                            inputs["input_ids"].to(runtime.device),
-                            inputs["lengths"].to(runtime.device),
-                        )
+                        hidden = batch_hidden_states(model, inputs, runtime.device)
                         logits = label_logits(model, hidden, label_ids[:n_labels])
                     logits = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
-                    n_choices = np.asarray([encoded.n_choices[i] for i in batch])
+                    scored = inputs["indices"][: len(batch)].numpy()  # row order of one copy
+                    n_choices = np.asarray([encoded.n_choices[i] for i in scored])
                     first_row = members.start * passes
                     for offset in range(n_active):
-                        out[first_row + offset, batch] = normalize_label_log_probs(
+                        out[first_row + offset, scored] = normalize_label_log_probs(
                             logits[offset], n_choices
                         )
     finally:

@@ -14,14 +14,40 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from loraens.data.batching import collate
+from loraens.data.packing import plan_rows, rows_batch
 
 
-def answer_hidden_states(model: nn.Module, input_ids: torch.Tensor, lengths: torch.Tensor):
-    """Final hidden state at each row's last prompt token, shape (rows, hidden)."""
-    hidden = model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
-    rows = torch.arange(hidden.shape[0], device=hidden.device)
+def answer_hidden_states(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    position_ids: torch.Tensor | None = None,
+    rows: torch.Tensor | None = None,
+):
+    """Final hidden state at each question's last prompt token, shape (questions, hidden).
+
+    Question i ends just before column ``lengths[i]`` of row ``rows[i]`` (default: row i). With
+    ``position_ids`` restarting at 0 inside a row (packed questions, see
+    :mod:`loraens.data.packing`) the decoder attends block-diagonally, question by question.
+    """
+    hidden = model.get_decoder()(
+        input_ids=input_ids, position_ids=position_ids, use_cache=False
+    ).last_hidden_state
+    if rows is None:
+        rows = torch.arange(hidden.shape[0], device=hidden.device)
     return hidden[rows, lengths - 1]
+
+
+def batch_hidden_states(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+    """:func:`answer_hidden_states` of a :func:`loraens.data.packing.rows_batch` batch."""
+    positions = batch["position_ids"]
+    return answer_hidden_states(
+        model,
+        batch["input_ids"].to(device),
+        batch["answer_ends"].to(device),
+        None if positions is None else positions.to(device),
+        batch["answer_rows"].to(device),
+    )
 
 
 def _head(model: nn.Module) -> nn.Linear:
@@ -48,17 +74,14 @@ def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) ->
     For quantities of the frozen model that never change during training (the KL reference,
     last-layer features), computed once in length-sorted batches.
     """
-    order = np.argsort([len(ids) for ids in encoded.input_ids], kind="stable")
+    lengths = [len(ids) for ids in encoded.input_ids]
+    order = np.argsort(lengths, kind="stable")
     features = torch.empty(len(encoded), model.config.hidden_size)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size]
-            inputs = collate(encoded, [batch], pad_id=0)
+            rows = plan_rows([order[start : start + batch_size]], lengths, runtime.row_tokens)[0]
+            inputs = rows_batch(encoded, rows, 0, packed=runtime.packing)
             with runtime.autocast():
-                hidden = answer_hidden_states(
-                    model,
-                    inputs["input_ids"].to(runtime.device),
-                    inputs["lengths"].to(runtime.device),
-                )
-            features[torch.as_tensor(batch)] = hidden.float().cpu()
+                hidden = batch_hidden_states(model, inputs, runtime.device)
+            features[inputs["indices"]] = hidden.float().cpu()
     return features

@@ -49,6 +49,7 @@ from loraens.training.checkpoint import (
     save_checkpoint,
     stacked_tensors,
 )
+from loraens.training.eta import announce_duration
 from loraens.training.optim import build_optimizer
 from loraens.training.seeds import member_seeds, rank_seed, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
@@ -60,6 +61,9 @@ _RESULT_NEUTRAL = {
     ("runtime", "progress"),
     ("runtime", "eval_batch_size"),
     ("runtime", "members_per_pass"),
+    ("runtime", "packing"),
+    ("runtime", "pack_tokens"),
+    ("runtime", "memory_budget_gb"),
     ("runtime", "dist_timeout"),
 }
 
@@ -177,7 +181,11 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 
 def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, BaseModel]:
     device = str(dist.device) if dist.active else cfg.runtime.device
-    runtime = resolve_runtime(device, cfg.runtime.precision)
+    rt = cfg.runtime
+    runtime = resolve_runtime(
+        device, rt.precision, packing=rt.packing, pack_tokens=rt.pack_tokens,
+        memory_budget_gb=rt.memory_budget_gb,
+    )  # fmt: skip
     weights_dtype = resolve_weights_dtype(cfg.model.dtype, runtime)
     if dist.active:
         # The default model is converted on first use: once per node, not by every rank at once.
@@ -374,6 +382,10 @@ def _fit_epochs(s: _Setup, extra: _ExtraSets, fit: _Fit) -> np.ndarray | None:
     cfg = s.cfg
     member_log_probs = None
     first_epoch = cfg.optim.epochs if fit.state.stopped_early else fit.state.epochs_done
+    if s.dist.is_main:
+        fit.trainer.on_step = announce_duration(
+            fit.trainer, cfg, first_epoch, s.eval_set, extra.ood, extra.holdout
+        )
     for epoch in range(first_epoch, cfg.optim.epochs):
         train_loss = _train_epoch(s, fit, epoch)
         if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.runtime.eval_every == 0:

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from loraens.data.batching import collate, epoch_order
+from loraens.data.batching import epoch_order
+from loraens.data.packing import Row, plan_rows, rows_batch
 from loraens.data.prompts import EncodedQuestions
 from loraens.distributed import Dist
 from loraens.evaluation.inference import member_slices
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import answer_hidden_states, vocab_log_probs
+from loraens.models.scoring import batch_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
 from loraens.training.kl import base_log_probs, kl_to_base
+from loraens.training.memory import activation_bytes_per_token, resolve_budget, split_passes
 
 
 class NonFiniteError(RuntimeError):
@@ -29,6 +32,12 @@ class EnsembleTrainer:
     its members of each member's mean loss (NLL, Eq. 3, plus β·KL to the base model when
     ``kl_beta`` > 0), so each member's gradient is exactly the gradient of its own mini-batch
     loss and members never influence each other.
+
+    Each step's questions are laid out in rows (packed several per row with
+    ``runtime.packing``, see :mod:`loraens.data.packing`) and split into passes that fit
+    ``runtime.memory_budget_gb`` (see :mod:`loraens.training.memory`): every question's loss is
+    divided by its member's full batch size, so the passes' gradients sum to exactly the
+    gradient of the member's mean loss.
 
     Under a distributed launcher (``dist``) the trainer holds only this rank's members
     (``data_seeds`` are theirs); in data mode it computes its share of each batch's rows and
@@ -60,11 +69,18 @@ class EnsembleTrainer:
         self.batch_size = batch_size
         self.schedule_seed = schedule_seed
         self.lengths = [len(ids) for ids in train_set.input_ids]
-        self.slices = member_slices(ensemble.n_members, members_per_pass)
+        self.members_per_pass = members_per_pass
+        budget = resolve_budget(runtime.memory_budget_gb, runtime.device)
+        per_token = activation_bytes_per_token(ensemble.model.config, runtime.autocast_dtype)
+        self.budget_tokens = budget / per_token
         self.pad_id = pad_id
         self.dist = dist or Dist(ensemble.n_members)
         self.params = ensemble.lora_parameters("A") + ensemble.lora_parameters("B")
         self.tokens_seen = 0  # non-padding tokens, for throughput reports
+        self.tokens_processed = 0  # padding included
+        # (rows, row length, questions' lengths) of every pass, when a caller sets it to a list
+        self.pass_log: list[tuple[int, int, list[int]]] | None = None
+        self.on_step: Callable[[float], None] | None = None  # gets each step's seconds
         self.kl_beta = kl_beta
         self.base_log_probs = base_log_probs(ensemble, train_set, runtime) if kl_beta > 0 else None
 
@@ -81,16 +97,16 @@ class EnsembleTrainer:
         self.ensemble.model.train()
         steps = range(self.steps_per_epoch())
         for step in tqdm(steps, desc=f"epoch {epoch + 1}", disable=not progress, leave=False):
+            tick = time.perf_counter()
             self.optimizer.zero_grad(set_to_none=True)
-            step_losses = np.zeros(self.ensemble.n_members)
-            for members in self.slices:
-                batches = [orders[m][step] for m in range(members.start, members.stop)]
-                step_losses[members] = self._backward(members, batches)
+            step_losses = self._step([order[step] for order in orders])
             self.dist.reduce_grads(self.params)
             step_losses, bad = self.dist.combine_step(step_losses, self._bad_gradients())
             losses += step_losses
             self._check_finite(bad, epoch, step)
             self.optimizer.step()
+            if self.on_step is not None:
+                self.on_step(time.perf_counter() - tick)
         self.ensemble.model.eval()
         return losses / len(self.train_set)
 
@@ -116,33 +132,55 @@ class EnsembleTrainer:
                 f"optim.lr or use runtime.precision=fp32 and resume."
             )
 
-    def _backward(self, members: slice, batches: list[np.ndarray]) -> np.ndarray:
+    def _step(self, batches: list[np.ndarray]) -> np.ndarray:
         """Backward of each member's mean loss on its batch; returns each member's summed loss.
 
-        In data mode only this rank's share of the rows is computed, its mean weighted by that
-        share, so the member's ranks' gradients sum to the full batch's mean-loss gradient.
+        In data mode only this rank's share of the rows is computed, its losses still divided
+        by the full batch size, so the member's ranks' gradients sum to the full batch's
+        mean-loss gradient.
         """
+        n_members = len(batches)
         full_size = len(batches[0])
         batches = [self.dist.shard(batch) for batch in batches]
+        losses = np.zeros(n_members)
         if len(batches[0]) == 0:  # data mode, a last batch smaller than the member's ranks
-            return np.zeros(len(batches))
-        inputs = collate(self.train_set, batches, self.pad_id)
+            return losses
+        # Each group of members_per_pass members is laid out on its own, so a process holding
+        # some members (distributed members mode) computes exactly what a single process
+        # computes for that group.
+        for group in member_slices(n_members, self.members_per_pass):
+            layout = plan_rows(batches[group], self.lengths, self.runtime.row_tokens)
+            n_rows = len(layout[0])
+            width = max(sum(self.lengths[i] for i in row) for rows in layout for row in rows)
+            size = group.stop - group.start
+            per_pass, rows_per_pass = split_passes(size, n_rows, width, self.budget_tokens, None)
+            for start in range(0, size, per_pass):
+                part = slice(start, min(start + per_pass, size))
+                members = slice(group.start + part.start, group.start + part.stop)
+                for first in range(0, n_rows, rows_per_pass):
+                    rows = [row for rows in layout[part] for row in rows[first:][:rows_per_pass]]
+                    losses[members] += self._backward(members, rows, full_size)
+        return losses
+
+    def _backward(self, members: slice, rows: list[Row], full_size: int) -> np.ndarray:
+        """One pass over ``rows`` (grouped by member, as many per member); each question's loss
+        enters divided by ``full_size``. Returns each member's summed loss over the pass."""
+        n_active = members.stop - members.start
+        inputs = rows_batch(self.train_set, rows, self.pad_id, packed=self.runtime.packing)
         self.tokens_seen += int(inputs["lengths"].sum())
+        self.tokens_processed += inputs["input_ids"].numel()
+        if self.pass_log is not None:
+            self.pass_log.append((*inputs["input_ids"].shape, inputs["lengths"].tolist()))
         device = self.runtime.device
         with self.ensemble.members(members), self.runtime.autocast():
-            hidden = answer_hidden_states(
-                self.ensemble.model,
-                inputs["input_ids"].to(device),
-                inputs["lengths"].to(device),
-            )
+            hidden = batch_hidden_states(self.ensemble.model, inputs, device)
             log_probs = vocab_log_probs(self.ensemble.model, hidden)
         targets = self.label_ids[inputs["labels"].to(device)]
         loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
         if self.base_log_probs is not None:
             base = self.base_log_probs[inputs["indices"]].to(device)
             loss = loss + self.kl_beta * kl_to_base(log_probs, base)
-        per_member = loss.view(len(batches), -1).mean(dim=1)
-        if len(batches[0]) != full_size:
-            per_member = per_member * (len(batches[0]) / full_size)
+        owner = (inputs["answer_rows"] // (len(rows) // n_active)).to(device)
+        per_member = torch.zeros(n_active, device=device).index_add(0, owner, loss) / full_size
         per_member.sum().backward()
         return per_member.detach().cpu().numpy() * full_size
