@@ -17,7 +17,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from matplotlib.figure import Figure
 from loraens.evaluation.report import METRICS
 from loraens.experiments import figures
 from loraens.experiments.runs import RunSet, collect_runs
-from loraens.experiments.sections import SECTIONS, Output, Section
+from loraens.experiments.sections import SECTIONS, Output, Section, SectionSpec, build
 from loraens.io import write_text_atomic
 
 __all__ = ["epoch_rows", "run_rows", "write_report"]
@@ -269,15 +269,14 @@ class _Folder(Output):
         _write_csv(self.path / name, columns, rows)
 
 
-def _build(builder: Callable[[RunSet, Output], Section], rs: RunSet, out: Output) -> Section:
+def _build(spec: SectionSpec, rs: RunSet, out: Output) -> Section:
     """One section; a failure is reported on the page instead of losing the whole report."""
     try:
-        return builder(rs, out)
+        return build(spec, rs, out)
     except Exception as error:  # one bad run must not cost the other figures
-        log.exception("report section %s failed", builder.__name__)
-        name = builder.__name__.strip("_").replace("_", "-")
+        log.exception("report section %s failed", spec.key)
         return Section(
-            name, f"{name}: failed", "", notes=[f"Failed: {type(error).__name__}: {error}"]
+            spec.key, f"{spec.key}: failed", "", notes=[f"Failed: {type(error).__name__}: {error}"]
         )
 
 
@@ -295,7 +294,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"No finished runs found in {searched}.{ignored}")
     folder = _Folder(Path(out))
     folder.path.mkdir(parents=True, exist_ok=True)
-    sections = [_build(builder, rs, folder) for builder in SECTIONS]
+    sections = [_build(spec, rs, folder) for spec in SECTIONS]
     _write_csv(folder.path / "runs.csv", RUN_COLUMNS, run_rows(rs))
     _write_csv(folder.path / "epochs.csv", EPOCH_COLUMNS, epoch_rows(rs))
     # A figure skipped this time must not linger from an earlier report in the same folder.
