@@ -1,10 +1,10 @@
-"""The report's sections: one declaration per paper figure or table, built by :func:`build`.
+"""The report's sections: one declaration per paper figure or table, in :data:`SECTIONS`.
 
-Each :class:`SectionSpec` in :data:`SECTIONS` says what one task contributes (``panel``: the
-runs it picks from a :class:`RunSet` and what it lacks), how the figure is drawn (``draw``, with
-:mod:`loraens.experiments.figures`) and its caption. :func:`build` owns the rest for every
-section alike: the loop over tasks, the notes saying what is missing, the provenance footer, and
-saving the PNG (and any CSV of its numbers) through an :class:`Output`.
+A :class:`SectionSpec` says what each task contributes (``panel``: the runs it picks from a
+:class:`RunSet`, what it draws and what it lacks), how the figure is drawn (``draw``, from
+:mod:`loraens.experiments.figures`), its caption and any CSV. Everything the sections share (the
+loop over tasks, the notes saying what is missing, the provenance footer, saving the files) is
+:func:`loraens.experiments.report.build_section`.
 
 How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the reference):
 
@@ -19,9 +19,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -38,42 +38,16 @@ from loraens.experiments.runs import (
     Setting,
     distinct_values,
     is_plain_lora,
-    provenance,
 )
 from loraens.methods.ablations import PredictionPool, ensemble_size_ablation, read_prediction_pool
 
-__all__ = ["SECTIONS", "Output", "Panel", "Section", "SectionSpec", "build"]
+__all__ = ["SECTIONS", "Panel", "SectionSpec"]
 
 log = logging.getLogger(__name__)
 
 EARLY_STOP_EPOCHS = (1, 2, 3)  # §4: early stopping after 1, 2 or 3 epochs
 SIZE_DRAWS = 5  # §5.3: 5 random subsets per ensemble size
 RELIABILITY_BINS = 10
-
-
-@dataclass
-class Section:
-    """One part of the page: a paper figure or table, or why it could not be drawn."""
-
-    key: str
-    title: str
-    look_for: str
-    images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
-    tables: list[tuple[list[str], list[dict]]] = field(default_factory=list)  # (columns, rows)
-    notes: list[str] = field(default_factory=list)  # what is missing
-
-
-class Output(Protocol):
-    """The report folder, as the sections write into it."""
-
-    def save_figure(self, fig: Figure, name: str) -> str:
-        """Save ``fig`` as ``name``; returns ``name``."""
-        ...
-
-    def write_csv(self, name: str, columns: Sequence[str], rows: Iterable[dict]) -> None: ...
-
-
-# ----------------------------------------------------------------------------- declarations
 
 
 @dataclass
@@ -85,13 +59,18 @@ class Panel:
     without" or "needs" it); ``notes`` are further advice, each a sentence of its own.
     """
 
-    data: Any = None  # what ``draw`` gets for this task; None: nothing to draw
+    data: Any = None  # what ``draw`` gets for this task; None or empty: nothing to draw
     title: str | None = None  # the panel's name in the figure; None: the task
     runs: list[Run] = field(default_factory=list)
     few_shot: list[FewShotRun] = field(default_factory=list)
     rows: list[dict] = field(default_factory=list)  # the section's CSV rows from this task
     missing: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+
+    def page_notes(self, task: str) -> list[str]:
+        """The notes the page shows for this task: what it lacks, then any advice."""
+        lacks = [_lacking(bool(self.data), self.missing)] if self.missing else []
+        return [f"{task}: {note}" for note in lacks + self.notes]
 
 
 @dataclass(frozen=True)
@@ -115,51 +94,9 @@ class SectionSpec:
     columns: tuple[str, ...] = ()
 
 
-def build(spec: SectionSpec, rs: RunSet, out: Output) -> Section:
-    """One section of the page: ask every task for its panel, note what is missing, then write
-    the CSV and draw, caption and save the figure(s)."""
-    section = Section(spec.key, spec.title, spec.look_for)
-    panels: dict[str, Panel] = {}
-    for task in rs.tasks:
-        panel = panels[task] = spec.panel(rs, task)
-        if panel.missing:
-            section.notes.append(f"{task}: {_lacking(panel.data is not None, panel.missing)}")
-        section.notes += [f"{task}: {note}" for note in panel.notes]
-    rows = [row for p in panels.values() for row in p.rows]
-    if spec.csv:
-        out.write_csv(spec.csv, spec.columns, rows)
-    if spec.draw is None:
-        if rows:
-            section.tables.append((list(spec.columns), rows))
-        return section
-    if "{task}" in spec.image:  # a figure per task
-        groups = [
-            ({t: p}, spec.image.format(task=t), spec.caption.format(task=t, run=_first_run(rs, p)))
-            for t, p in panels.items()
-            if p.data is not None
-        ]
-    else:
-        groups = [(panels, spec.image, spec.caption)]
-    for group, name, caption in groups:
-        drawn = {p.title or t: p.data for t, p in group.items() if p.data is not None}
-        if not drawn:
-            continue
-        used = group.values()
-        footer = provenance(
-            [r for p in used for r in p.runs], [f for p in used for f in p.few_shot]
-        )
-        fig = spec.draw(drawn, footer)
-        section.images.append((out.save_figure(fig, name), f"{caption} {footer}"))
-    return section
-
-
 def _lacking(drawn: bool, missing: Sequence[str]) -> str:
     """The note for what a task lacks: the figure was drawn without it, or needs it."""
     return f"{'drawn without' if drawn else 'needs'} {' and '.join(missing)}."
-
-
-def _first_run(rs: RunSet, panel: Panel) -> str:
-    return rs.relative(panel.runs[0].path) if panel.runs else "?"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -265,14 +202,8 @@ def _confidence_set(
 ) -> ConfidenceSet:
     """The confidences on wrong answers of one model, with its accuracy and ECE."""
     stats = summarize(log_probs, labels)
-    return ConfidenceSet(
-        label,
-        color,
-        _wrong_confidence(log_probs, labels),
-        stats["accuracy"],
-        stats["ece"],
-        dashed=dashed,
-    )
+    wrong = _wrong_confidence(log_probs, labels)
+    return ConfidenceSet(label, color, wrong, stats["accuracy"], stats["ece"], dashed)
 
 
 def _wrong_confidence(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -318,8 +249,7 @@ def _fig_1a(rs: RunSet, task: str) -> Panel:
         panel.runs.append(reg.first)
     else:
         panel.missing.append("a LoRA run with weight decay on B or a KL penalty")
-    if len(sets) >= 2:
-        panel.data = sets
+    panel.data = sets if len(sets) >= 2 else None
     return panel
 
 
@@ -346,9 +276,8 @@ def _fig_2(rs: RunSet, task: str) -> Panel:
             panel.runs += s.runs
     if ref is not None:
         arrows += _early_stop_arrows(ref)
-    if arrows:
-        panel.data = arrows
-    else:
+    panel.data = arrows
+    if not arrows:
         panel.missing.append("at least one finished LoRA ensemble run")
     if ref is not None and len({a.family for a in arrows}) < 2:
         panel.notes.append(
@@ -441,16 +370,13 @@ def _fig_4(rs: RunSet, task: str) -> Panel:
     ref = rs.reference(task)
     mc = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
     ens = rs.variants(task, lambda r: r.method == "lora" and r.dropout > 0, ref)
-    panel = Panel()
-    lines = []
+    panel = Panel([])
     for i, s in enumerate(mc + ens):
-        lines += _series(s, "eval", METRICS[:3], _DROPOUT_COLORS[i % len(_DROPOUT_COLORS)])
+        panel.data += _series(s, "eval", METRICS[:3], _DROPOUT_COLORS[i % len(_DROPOUT_COLORS)])
         panel.runs += s.runs
-    if lines:
-        panel.data = lines
     if not mc or not ens:
         what = _missing(("an mc_dropout run", mc), ("a LoRA run with lora.dropout>0", ens))
-        panel.notes.append("Fig. 4 " + _lacking(bool(lines), what))
+        panel.notes.append("Fig. 4 " + _lacking(bool(panel.data), what))
     return panel
 
 
@@ -466,22 +392,20 @@ def _fig_5(rs: RunSet, task: str) -> Panel:
             if any(r.get("split") == "ood" for r in s.first.rows)
         ]
     )
-    panel = Panel()
-    lines = []
+    panel = Panel([])
     for s in settings:
         # Legend by family (one colour); each row's chosen strengths go in its title.
         color, family = family_color(s.first.family), s.first.family
-        lines += _merge_series(
+        panel.data += _merge_series(
             _series(s, "ood", METRICS[:3], color, family),
             _series(s, "ood_detection", ("neg_max_prob",), color, family),
         )
         panel.runs += s.runs
-    if lines:
+    if panel.data:
         ood = distinct_values(s.first.ood_task for s in settings)
         strengths = [
             s.first.regulariser.split(" ", 1)[-1] for s in settings if s.first.family != "none"
         ]
-        panel.data = lines
         panel.title = f"{task} → {ood}" + (f" ({', '.join(strengths)})" if strengths else "")
     elif any(r.task == task for r in rs.train):
         panel.missing.append("LoRA runs trained with data.ood_task (per-epoch 'ood' rows)")
@@ -539,15 +463,14 @@ def _fig_7(rs: RunSet, task: str) -> Panel:
     by_reg: dict[str, list[Setting]] = defaultdict(list)
     for s in settings:
         by_reg[s.first.regulariser].append(s)
-    panel = Panel()
-    bars = []
+    panel = Panel([])
     for reg, group in by_reg.items():
         if len({s.first.randomness for s in group}) < 2:
             continue
         group.sort(key=lambda s: RANDOMNESS_ORDER.index(s.first.randomness))
         for s in group:
             mean, std = s.table("ensemble"), s.table_std("ensemble")
-            bars.append(
+            panel.data.append(
                 Bar(
                     s.first.randomness,
                     reg,
@@ -557,9 +480,7 @@ def _fig_7(rs: RunSet, task: str) -> Panel:
                 )
             )
             panel.runs += s.runs
-    if bars:
-        panel.data = bars
-    elif any(r.task == task and r.method == "lora" for r in rs.train):
+    if not panel.data and any(r.task == task and r.method == "lora" for r in rs.train):
         panel.missing.append(
             "LoRA runs differing only in randomness (ensemble.vary_init / "
             "ensemble.vary_data_order), e.g. init+data and init only or data only"
