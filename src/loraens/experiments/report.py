@@ -171,7 +171,8 @@ def build_section(spec: SectionSpec, rs: RunSet, folder: _Folder) -> Section:
         drawn = {p.title or t: p.data for t, p in group.items() if p.data}
         if not drawn:
             continue
-        # Provenance names every run a panel picked, drawn or not (Fig. 1a, 4 may leave one out).
+        # The footer names every run a panel picked, also for a task left undrawn (Fig. 1a with
+        # only one of its models, Fig. 4 without eval rows).
         footer = provenance(
             [r for p in group.values() for r in p.runs],
             [f for p in group.values() for f in p.few_shot],
