@@ -360,3 +360,19 @@ def test_cli_takes_run_folders_as_plain_arguments(full_report, tmp_path, capsys)
     assert f"wrote {tmp_path / 'r' / 'index.html'}" in capsys.readouterr().out
     page = (tmp_path / "r" / "index.html").read_text()
     assert f"Searched: {arce}, {cqa}" in page
+
+
+def test_a_failing_section_is_named_on_the_page_and_the_others_still_drawn(tmp_path, monkeypatch):
+    from loraens.experiments import report
+    from loraens.experiments.sections import SECTIONS, SectionSpec
+
+    def broken(rs, task):
+        raise KeyError("no such metric")
+
+    reliability = next(s for s in SECTIONS if s.key == "reliability")
+    monkeypatch.setattr(report, "SECTIONS", (SectionSpec("fig-x", "X", "", broken), reliability))
+    write_train_run(tmp_path / "runs" / "none")
+    page = write_report([tmp_path / "runs"], tmp_path / "report").read_text()
+    assert "fig-x: failed" in page and "Failed: KeyError: &#x27;no such metric&#x27;" in page
+    assert_png(tmp_path / "report" / "fig-reliability-arce.png")
+    assert '<img src="fig-reliability-arce.png"' in page

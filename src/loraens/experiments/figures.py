@@ -107,6 +107,7 @@ class Arrow:
     strength_text: str
     single: tuple[float, float]
     ensemble: tuple[float, float]
+    members: int | None = None  # the run's ensemble size; None for early-stop (epoch) arrows
 
 
 @dataclass(frozen=True)
@@ -285,7 +286,7 @@ def _alphas(arrows: Sequence[Arrow]) -> list[float]:
     return out
 
 
-def arrows_figure(panels: Mapping[str, Sequence[Arrow]], footer: str, members: str = "M") -> Figure:
+def arrows_figure(panels: Mapping[str, Sequence[Arrow]], footer: str) -> Figure:
     """Fig. 2: per task, arrows from single-member (accuracy, ECE) to the ensemble's."""
     n_cols = min(3, len(panels))
     n_rows = math.ceil(len(panels) / n_cols)
@@ -319,6 +320,10 @@ def arrows_figure(panels: Mapping[str, Sequence[Arrow]], footer: str, members: s
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=family_color(f), lw=2, label=f) for f in families]
+    sizes = sorted(
+        {a.members for arrows in panels.values() for a in arrows if a.members is not None}
+    )
+    members = "ensemble (M=" + "/".join(map(str, sizes)) + ")"
     handles.append(
         Line2D(
             [],

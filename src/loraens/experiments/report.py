@@ -4,9 +4,10 @@
 ``index.html`` (one static page), ``fig-*.png`` and CSV files holding the same numbers
 (``runs.csv``, ``epochs.csv``, ``table1.csv``, ``size.csv``).
 
-This module writes the files and assembles the page. How runs are found and classified is in
-:mod:`loraens.experiments.runs`; which runs feed which figure or table, in
-:mod:`loraens.experiments.sections`; the plots themselves, in :mod:`loraens.experiments.figures`.
+This module writes the files and assembles the page, building every section the same way
+(:func:`build_section`). How runs are found and classified is in :mod:`loraens.experiments.runs`;
+which runs feed which figure or table, in :mod:`loraens.experiments.sections`; the plots
+themselves, in :mod:`loraens.experiments.figures`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,11 +26,11 @@ from matplotlib.figure import Figure
 
 from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
-from loraens.experiments.runs import RunSet, collect_runs
-from loraens.experiments.sections import SECTIONS, Output, Section
+from loraens.experiments.runs import RunSet, collect_runs, provenance
+from loraens.experiments.sections import SECTIONS, Panel, SectionSpec
 from loraens.io import write_text_atomic
 
-__all__ = ["epoch_rows", "run_rows", "write_report"]
+__all__ = ["Section", "build_section", "epoch_rows", "run_rows", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +111,90 @@ def epoch_rows(rs: RunSet) -> list[dict]:
         for row in r.rows
         if row.get("split") in EPOCH_SPLITS
     ]
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class Section:
+    """One part of the page: a paper figure or table, or why it could not be drawn."""
+
+    key: str
+    title: str
+    look_for: str
+    images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
+    tables: list[tuple[list[str], list[dict]]] = field(default_factory=list)  # (columns, rows)
+    notes: list[str] = field(default_factory=list)  # what is missing
+
+
+@dataclass
+class _Folder:
+    """The report folder; remembers the figures written, so older ones can be removed."""
+
+    path: Path
+    figures: set[str] = field(default_factory=set)
+
+    def save_figure(self, fig: Figure, name: str) -> str:
+        figures.save_png(fig, self.path / name)
+        self.figures.add(name)
+        return name
+
+    def write_csv(self, name: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
+        _write_csv(self.path / name, columns, rows)
+
+
+def build_section(spec: SectionSpec, rs: RunSet, folder: _Folder) -> Section:
+    """Ask every task for its panel and note what it lacks, then write the section's CSV and
+    draw, caption and save its figure (one per task where ``spec.image`` holds ``{task}``)."""
+    section = Section(spec.key, spec.title, spec.look_for)
+    panels: dict[str, Panel] = {}
+    for task in rs.tasks:
+        panels[task] = spec.panel(rs, task)
+        section.notes += panels[task].page_notes(task)
+    rows = [row for p in panels.values() for row in p.rows]
+    if spec.csv:
+        folder.write_csv(spec.csv, spec.columns, rows)
+    if spec.draw is None:
+        if rows:
+            section.tables.append((list(spec.columns), rows))
+        return section
+    if "{task}" in spec.image:
+        groups = [
+            ({t: p}, spec.image.format(task=t), spec.caption.format(task=t, run=_first_run(rs, p)))
+            for t, p in panels.items()
+            if p.data
+        ]
+    else:
+        groups = [(panels, spec.image, spec.caption)]
+    for group, name, caption in groups:
+        drawn = {p.title or t: p.data for t, p in group.items() if p.data}
+        if not drawn:
+            continue
+        # The footer names every run a panel picked, also for a task left undrawn (Fig. 1a with
+        # only one of its models, Fig. 4 without eval rows).
+        footer = provenance(
+            [r for p in group.values() for r in p.runs],
+            [f for p in group.values() for f in p.few_shot],
+        )
+        fig = spec.draw(drawn, footer)
+        section.images.append((folder.save_figure(fig, name), f"{caption} {footer}"))
+    return section
+
+
+def _first_run(rs: RunSet, panel: Panel) -> str:
+    return rs.relative(panel.runs[0].path) if panel.runs else "?"
+
+
+def _build(spec: SectionSpec, rs: RunSet, folder: _Folder) -> Section:
+    """One section; a failure is reported on the page instead of losing the whole report."""
+    try:
+        return build_section(spec, rs, folder)
+    except Exception as error:  # one bad run must not cost the other figures
+        log.exception("report section %s failed", spec.key)
+        return Section(
+            spec.key, f"{spec.key}: failed", "", notes=[f"Failed: {type(error).__name__}: {error}"]
+        )
 
 
 # ----------------------------------------------------------------------------- HTML
@@ -253,34 +338,6 @@ def _page(rs: RunSet, sections: Sequence[Section]) -> str:
 # ----------------------------------------------------------------------------- entry point
 
 
-@dataclass
-class _Folder(Output):
-    """The report folder; remembers the figures written, so older ones can be removed."""
-
-    path: Path
-    figures: set[str] = field(default_factory=set)
-
-    def save_figure(self, fig: Figure, name: str) -> str:
-        figures.save_png(fig, self.path / name)
-        self.figures.add(name)
-        return name
-
-    def write_csv(self, name: str, columns: Sequence[str], rows: Iterable[dict]) -> None:
-        _write_csv(self.path / name, columns, rows)
-
-
-def _build(builder: Callable[[RunSet, Output], Section], rs: RunSet, out: Output) -> Section:
-    """One section; a failure is reported on the page instead of losing the whole report."""
-    try:
-        return builder(rs, out)
-    except Exception as error:  # one bad run must not cost the other figures
-        log.exception("report section %s failed", builder.__name__)
-        name = builder.__name__.strip("_").replace("_", "-")
-        return Section(
-            name, f"{name}: failed", "", notes=[f"Failed: {type(error).__name__}: {error}"]
-        )
-
-
 def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
     """Collect the runs under ``paths`` and write the report into ``out``; returns index.html.
 
@@ -295,7 +352,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"No finished runs found in {searched}.{ignored}")
     folder = _Folder(Path(out))
     folder.path.mkdir(parents=True, exist_ok=True)
-    sections = [_build(builder, rs, folder) for builder in SECTIONS]
+    sections = [_build(spec, rs, folder) for spec in SECTIONS]
     _write_csv(folder.path / "runs.csv", RUN_COLUMNS, run_rows(rs))
     _write_csv(folder.path / "epochs.csv", EPOCH_COLUMNS, epoch_rows(rs))
     # A figure skipped this time must not linger from an earlier report in the same folder.

@@ -1,8 +1,10 @@
-"""The report's sections: one builder per paper figure or table, from runs to a :class:`Section`.
+"""The report's sections: one declaration per paper figure or table, in :data:`SECTIONS`.
 
-Each builder in :data:`SECTIONS` picks the runs a figure needs from a :class:`RunSet`, draws it
-with :mod:`loraens.experiments.figures`, saves it (and any CSV of its numbers) through an
-:class:`Output`, and says on the page what is missing when it cannot be drawn.
+A :class:`SectionSpec` says what each task contributes (``panel``: the runs it picks from a
+:class:`RunSet`, what it draws and what it lacks), how the figure is drawn (``draw``, from
+:mod:`loraens.experiments.figures`), its caption and any CSV. Everything the sections share (the
+loop over tasks, the notes saying what is missing, the provenance footer, saving the files) is
+:func:`loraens.experiments.report.build_section`.
 
 How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the reference):
 
@@ -17,9 +19,9 @@ from __future__ import annotations
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -36,7 +38,6 @@ from loraens.experiments.runs import (
     Setting,
     distinct_values,
     is_plain_lora,
-    provenance,
 )
 from loraens.experiments.size_ablation import (
     PredictionPool,
@@ -44,7 +45,7 @@ from loraens.experiments.size_ablation import (
     read_prediction_pool,
 )
 
-__all__ = ["SECTIONS", "Output", "Section"]
+__all__ = ["SECTIONS", "Panel", "SectionSpec"]
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +55,52 @@ RELIABILITY_BINS = 10
 
 
 @dataclass
-class Section:
-    """One part of the page: a paper figure or table, or why it could not be drawn."""
+class Panel:
+    """What one task gives a section: something to draw (or not), and the runs behind it.
+
+    ``runs`` and ``few_shot`` feed the figure's provenance footer, even when this task's panel
+    is not drawn. ``missing`` names what the task lacks (the note says the figure is "drawn
+    without" or "needs" it); ``notes`` are further advice, each a sentence of its own.
+    """
+
+    data: Any = None  # what ``draw`` gets for this task; None or empty: nothing to draw
+    title: str | None = None  # the panel's name in the figure; None: the task
+    runs: list[Run] = field(default_factory=list)
+    few_shot: list[FewShotRun] = field(default_factory=list)
+    rows: list[dict] = field(default_factory=list)  # the section's CSV rows from this task
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def page_notes(self, task: str) -> list[str]:
+        """The notes the page shows for this task: what it lacks, then any advice."""
+        lacks = [_lacking(bool(self.data), self.missing)] if self.missing else []
+        return [f"{task}: {note}" for note in lacks + self.notes]
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    """A paper figure or table: which runs each task contributes, how it is drawn, its caption.
+
+    ``draw(panels, footer)`` gets the drawn tasks' ``Panel.data`` keyed by panel title. When
+    ``image`` holds ``{task}`` each task gets a figure of its own, and ``{task}`` and ``{run}``
+    (the first run of the task's panel) in ``caption`` are filled in. Without ``draw`` the
+    section is a table: the ``csv`` rows shown on the page. Every caption ends in provenance.
+    """
 
     key: str
     title: str
     look_for: str
-    images: list[tuple[str, str]] = field(default_factory=list)  # (file name, caption)
-    tables: list[tuple[list[str], list[dict]]] = field(default_factory=list)  # (columns, rows)
-    notes: list[str] = field(default_factory=list)  # what is missing
+    panel: Callable[[RunSet, str], Panel]
+    draw: Callable[[Mapping[str, Any], str], Figure] | None = None
+    image: str = ""  # the PNG's file name
+    caption: str = ""
+    csv: str = ""  # file name for the panels' rows (written even when empty)
+    columns: tuple[str, ...] = ()
 
-    def add_figure(self, out: Output, fig: Figure, name: str, caption: str) -> None:
-        self.images.append((out.save_figure(fig, name), caption))
 
-
-class Output(Protocol):
-    """The report folder, as the builders write into it."""
-
-    def save_figure(self, fig: Figure, name: str) -> str:
-        """Save ``fig`` as ``name``; returns ``name``."""
-        ...
-
-    def write_csv(self, name: str, columns: Sequence[str], rows: Iterable[dict]) -> None: ...
+def _lacking(drawn: bool, missing: Sequence[str]) -> str:
+    """The note for what a task lacks: the figure was drawn without it, or needs it."""
+    return f"{'drawn without' if drawn else 'needs'} {' and '.join(missing)}."
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -150,46 +175,27 @@ def _missing(*needs: tuple[str, object]) -> list[str]:
 # ----------------------------------------------------------------------------- reliability
 
 
-def _reliability_sections(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "reliability",
-        "Reliability diagrams (single member vs ensemble)",
-        "Bars on the diagonal are calibrated; bars below it mean over-confidence. The "
-        "ensemble's bars should sit closer to the diagonal than member 0's.",
+def _reliability(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    pool = _pool(ref.first if ref else None)
+    if pool is None:
+        return Panel(
+            missing=["an unregularised LoRA run (method lora, no dropout) with predictions.jsonl"]
+        )
+    lp, y = pool.member_log_probs, pool.labels
+    models = [
+        ("single member (member 0)", lp[0]),
+        (f"ensemble (M={lp.shape[0]})", ensemble_log_probs(lp)),
+    ]
+    return Panel(
+        [(name, reliability_bins(x, y, RELIABILITY_BINS), summarize(x, y)) for name, x in models],
+        runs=[ref.first],
     )
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        pool = _pool(ref.first if ref else None)
-        if pool is None:
-            section.notes.append(
-                f"{task}: needs an unregularised LoRA run (method lora, no dropout) with "
-                "predictions.jsonl."
-            )
-            continue
-        lp, y = pool.member_log_probs, pool.labels
-        ens = ensemble_log_probs(lp)
-        panels = [
-            ("single member (member 0)", lp[0]),
-            (f"ensemble (M={lp.shape[0]})", ens),
-        ]
-        footer = provenance([ref.first])
-        fig = figures.reliability_figure(
-            task,
-            [
-                (name, reliability_bins(x, y, RELIABILITY_BINS), summarize(x, y))
-                for name, x in panels
-            ],
-            footer,
-        )
-        section.add_figure(
-            out,
-            fig,
-            f"fig-reliability-{task}.png",
-            f"{task}: accuracy per confidence bin ({RELIABILITY_BINS} bins) of member 0 and "
-            f"of the ensemble of {rs.relative(ref.first.path)} (first seed). ECE in the "
-            f"titles uses the same {RELIABILITY_BINS} bins. {footer}",
-        )
-    return section
+
+
+def _draw_reliability(panels: Mapping[str, Any], footer: str) -> Figure:
+    ((task, models),) = panels.items()  # a figure per task
+    return figures.reliability_figure(task, models, footer)
 
 
 # ----------------------------------------------------------------------------- Fig. 1a
@@ -200,14 +206,8 @@ def _confidence_set(
 ) -> ConfidenceSet:
     """The confidences on wrong answers of one model, with its accuracy and ECE."""
     stats = summarize(log_probs, labels)
-    return ConfidenceSet(
-        label,
-        color,
-        _wrong_confidence(log_probs, labels),
-        stats["accuracy"],
-        stats["ece"],
-        dashed=dashed,
-    )
+    wrong = _wrong_confidence(log_probs, labels)
+    return ConfidenceSet(label, color, wrong, stats["accuracy"], stats["ece"], dashed)
 
 
 def _wrong_confidence(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -215,136 +215,80 @@ def _wrong_confidence(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return np.exp(log_probs.max(axis=1))[wrong]
 
 
-def _fig_1a(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-1a",
-        "Figure 1a: confidence on wrong answers",
-        "Few-shot is unsure but often wrong; a single fine-tuned LoRA is confidently wrong "
-        "(mass near 1); the regularised ensemble should move mass back towards low confidence.",
-    )
-    panels: dict[str, list[ConfidenceSet]] = {}
-    used: list[Run] = []
-    used_few: list[FewShotRun] = []
-    for task in rs.tasks:
-        sets, missing = [], []
-        few = rs.few_shot_for(task)
-        pool = _pool(few)
-        if pool is not None:
-            lp = pool.member_log_probs
-            conf = np.concatenate([_wrong_confidence(d, pool.labels) for d in lp])
-            # Headline numbers: the mean over draws, as the paper reports few-shot.
-            per_draw = [summarize(d, pool.labels) for d in lp]
-            acc = float(np.mean([d["accuracy"] for d in per_draw]))
-            cal = float(np.mean([d["ece"] for d in per_draw]))
-            sets.append(ConfidenceSet(f"few-shot ({lp.shape[0]} draws)", "#9467bd", conf, acc, cal))
-            used_few.append(few)
-        else:
-            missing.append("a few-shot run with predictions.jsonl")
-        ref = rs.reference(task)
-        pool = _pool(ref.first if ref else None)
-        if pool is not None:
-            sets.append(
-                _confidence_set("LoRA (M=1)", "#1f77b4", pool.member_log_probs[0], pool.labels)
+def _fig_1a(rs: RunSet, task: str) -> Panel:
+    sets, panel = [], Panel()
+    few = rs.few_shot_for(task)
+    pool = _pool(few)
+    if pool is not None:
+        lp = pool.member_log_probs
+        conf = np.concatenate([_wrong_confidence(d, pool.labels) for d in lp])
+        # Headline numbers: the mean over draws, as the paper reports few-shot.
+        per_draw = [summarize(d, pool.labels) for d in lp]
+        acc = float(np.mean([d["accuracy"] for d in per_draw]))
+        cal = float(np.mean([d["ece"] for d in per_draw]))
+        sets.append(ConfidenceSet(f"few-shot ({lp.shape[0]} draws)", "#9467bd", conf, acc, cal))
+        panel.few_shot.append(few)
+    else:
+        panel.missing.append("a few-shot run with predictions.jsonl")
+    ref = rs.reference(task)
+    pool = _pool(ref.first if ref else None)
+    if pool is not None:
+        sets.append(_confidence_set("LoRA (M=1)", "#1f77b4", pool.member_log_probs[0], pool.labels))
+        panel.runs.append(ref.first)
+    else:
+        panel.missing.append("an unregularised LoRA run with predictions")
+    # The paper's regularised ensemble: weight decay on B if run, else KL.
+    reg = _best_strength(rs, task, ref, "B-decay") or _best_strength(rs, task, ref, "KL")
+    pool = _pool(reg.first if reg else None)
+    if pool is not None:
+        sets.append(
+            _confidence_set(
+                f"reg. LoRA ens. (M={pool.member_log_probs.shape[0]}, {reg.first.regulariser})",
+                "#ff7f0e",
+                ensemble_log_probs(pool.member_log_probs),
+                pool.labels,
+                dashed=True,
             )
-            used.append(ref.first)
-        else:
-            missing.append("an unregularised LoRA run with predictions")
-        # The paper's regularised ensemble: weight decay on B if run, else KL.
-        reg = _best_strength(rs, task, ref, "B-decay") or _best_strength(rs, task, ref, "KL")
-        pool = _pool(reg.first if reg else None)
-        if pool is not None:
-            sets.append(
-                _confidence_set(
-                    f"reg. LoRA ens. (M={pool.member_log_probs.shape[0]}, {reg.first.regulariser})",
-                    "#ff7f0e",
-                    ensemble_log_probs(pool.member_log_probs),
-                    pool.labels,
-                    dashed=True,
-                )
-            )
-            used.append(reg.first)
-        else:
-            missing.append("a LoRA run with weight decay on B or a KL penalty")
-        if len(sets) >= 2:
-            panels[task] = sets
-        if missing:
-            section.notes.append(
-                f"{task}: {'drawn without' if len(sets) >= 2 else 'needs'} "
-                + " and ".join(missing)
-                + "."
-            )
-    if panels:
-        footer = provenance(used, used_few)
-        fig = figures.confidence_figure(panels, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-1a.png",
-            "Histogram densities (20 shared bins on [0, 1]) of max p on wrongly answered "
-            "eval questions. Few-shot pools all draws; LoRA (M=1) is member 0 of the "
-            "unregularised run; the regularised ensemble uses the strength with the lowest "
-            f"ensemble NLL. {footer}",
         )
-    return section
+        panel.runs.append(reg.first)
+    else:
+        panel.missing.append("a LoRA run with weight decay on B or a KL penalty")
+    panel.data = sets if len(sets) >= 2 else None
+    return panel
 
 
 # ----------------------------------------------------------------------------- Fig. 2
 
 
-def _fig_2(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-2",
-        "Figure 2: single member → ensemble under each regulariser",
-        "Arrows should point right and down: ensembling raises accuracy and lowers ECE. Strong "
-        "KL or very early stopping can shrink the arrows (members stay alike).",
-    )
-    panels: dict[str, list[Arrow]] = {}
-    used: list[Run] = []
-    members = set()
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        arrows = []
-        for s in rs.variants(task, is_plain_lora, ref):
-            single, ens = s.table("single"), s.table("ensemble")
-            if {"accuracy", "ece"} <= set(single) & set(ens):
-                text = "" if s.first.family == "none" else s.first.regulariser.split(" ", 1)[-1]
-                arrows.append(
-                    Arrow(
-                        s.first.family,
-                        s.first.strength,
-                        text,
-                        (single["accuracy"], single["ece"]),
-                        (ens["accuracy"], ens["ece"]),
-                    )
+def _fig_2(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    arrows, panel = [], Panel()
+    for s in rs.variants(task, is_plain_lora, ref):
+        single, ens = s.table("single"), s.table("ensemble")
+        if {"accuracy", "ece"} <= set(single) & set(ens):
+            text = "" if s.first.family == "none" else s.first.regulariser.split(" ", 1)[-1]
+            arrows.append(
+                Arrow(
+                    s.first.family,
+                    s.first.strength,
+                    text,
+                    (single["accuracy"], single["ece"]),
+                    (ens["accuracy"], ens["ece"]),
+                    s.first.members,
                 )
-                used += s.runs
-                members.add(s.first.members)
-        if ref is not None:
-            arrows += _early_stop_arrows(ref)
-        if arrows:
-            panels[task] = arrows
-        else:
-            section.notes.append(f"{task}: needs at least one finished LoRA ensemble run.")
-        if ref is not None and len({a.family for a in arrows}) < 2:
-            section.notes.append(
-                f"{task}: only the unregularised run; add KL (optim.kl_beta) or B-decay "
-                "(optim.decay_target=B) runs to compare regularisers."
             )
-    if panels:
-        footer = provenance(used)
-        fig = figures.arrows_figure(
-            panels, footer, "ensemble (M=" + "/".join(map(str, sorted(members))) + ")"
+            panel.runs += s.runs
+    if ref is not None:
+        arrows += _early_stop_arrows(ref)
+    panel.data = arrows
+    if not arrows:
+        panel.missing.append("at least one finished LoRA ensemble run")
+    if ref is not None and len({a.family for a in arrows}) < 2:
+        panel.notes.append(
+            "only the unregularised run; add KL (optim.kl_beta) or B-decay "
+            "(optim.decay_target=B) runs to compare regularisers."
         )
-        section.add_figure(
-            out,
-            fig,
-            "fig-2.png",
-            "Tail: mean of the single members; head: the ensemble (final epoch of each run, "
-            "averaged over seeds). Early-stop arrows are the unregularised run's eval rows "
-            f"at epochs {', '.join(map(str, EARLY_STOP_EPOCHS))} (constant learning rate, so "
-            f"stopping there gives the same members). {footer}",
-        )
-    return section
+    return panel
 
 
 def _early_stop_arrows(ref: Setting) -> list[Arrow]:
@@ -372,78 +316,40 @@ def _early_stop_arrows(ref: Setting) -> list[Arrow]:
 # ----------------------------------------------------------------------------- Fig. 3
 
 
-def _fig_3(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-3",
-        "Figure 3: metrics over training, unregularised vs weight decay on B",
-        "Accuracy rises for both; without regularisation NLL (and ECE) climb after a few "
-        "epochs, weight decay on B keeps them down. The gap between dashed (single) and solid "
-        "(ensemble) lines is what ensembling buys.",
-    )
-    rows: dict[str, list[Series]] = {}
-    used: list[Run] = []
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        lines = _series(ref, "eval", METRICS[:3], family_color("none")) if ref else []
-        if not lines:
-            section.notes.append(
-                f"{task}: needs an unregularised LoRA run with per-epoch eval rows."
-            )
-            continue
-        used += ref.runs
-        title = task
-        best = _best_strength(rs, task, ref, "B-decay")
-        if best is not None:
-            # Legend by family (one colour), the strength chosen per task in the panel title.
-            lines += _series(best, "eval", METRICS[:3], family_color("B-decay"), "B-decay")
-            used += best.runs
-            title = f"{task} ({best.first.regulariser})"
-        else:
-            section.notes.append(f"{task}: drawn without a B-decay run (optim.decay_target=B).")
-        rows[title] = lines
-    if rows:
-        footer = provenance(used)
-        fig = figures.training_curves_figure(rows, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-3.png",
-            "Eval metrics per evaluated epoch, averaged over seeds. When several B-decay "
-            "strengths were run, the one with the lowest final ensemble NLL is shown. " + footer,
-        )
-    return section
+def _fig_3(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    lines = _series(ref, "eval", METRICS[:3], family_color("none")) if ref else []
+    if not lines:
+        return Panel(missing=["an unregularised LoRA run with per-epoch eval rows"])
+    panel = Panel(lines, runs=list(ref.runs))
+    best = _best_strength(rs, task, ref, "B-decay")
+    if best is not None:
+        # Legend by family (one colour), the strength chosen per task in the panel title.
+        panel.data += _series(best, "eval", METRICS[:3], family_color("B-decay"), "B-decay")
+        panel.runs += best.runs
+        panel.title = f"{task} ({best.first.regulariser})"
+    else:
+        panel.missing.append("a B-decay run (optim.decay_target=B)")
+    return panel
 
 
 # ----------------------------------------------------------------------------- Table 1
 
 
-def _table_1(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "table-1",
-        "Table 1: LoRA ensemble vs last-layer ensemble",
-        "Last-layer ensembles only tune the answer letters' output rows and underfit: "
-        "expect clearly lower accuracy than the LoRA ensemble.",
-    )
-    rows = []
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        last = rs.variants(task, lambda r: r.method == "last_layer", ref)
-        if ref is None or not last:
-            missing = _missing(("a last_layer run", last), ("a LoRA run", ref is not None))
-            section.notes.append(
-                f"{task}: Table 1 needs a last_layer run and a LoRA run on the same task "
+def _table_1(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    last = rs.variants(task, lambda r: r.method == "last_layer", ref)
+    if ref is None or not last:
+        missing = _missing(("a last_layer run", last), ("a LoRA run", ref is not None))
+        return Panel(
+            notes=[
+                "Table 1 needs a last_layer run and a LoRA run on the same task "
                 f"(missing: {', '.join(missing)})."
-            )
-            continue
-        for name, s in (("LoRA ens.", ref), ("last-layer ens.", last[0])):
-            rows.append(_table_row(task, name, s))
-    columns = ["task", "method", "members", "seeds"] + [
-        f"{which}_{m}" for which in ("ensemble", "single") for m in METRICS
-    ]
-    out.write_csv("table1.csv", columns, rows)
-    if rows:
-        section.tables.append((columns, rows))
-    return section
+            ]
+        )
+    return Panel(
+        rows=[_table_row(task, "LoRA ens.", ref), _table_row(task, "last-layer ens.", last[0])]
+    )
 
 
 def _table_row(task: str, name: str, s: Setting) -> dict:
@@ -461,102 +367,53 @@ def _table_row(task: str, name: str, s: Setting) -> dict:
 
 # ----------------------------------------------------------------------------- Fig. 4
 
+_DROPOUT_COLORS = ("#8c564b", "#17becf", "#e377c2", "#bcbd22")
 
-def _fig_4(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-4",
-        "Figure 4: MC dropout vs LoRA ensemble with dropout",
-        "With the same number of members, MC dropout's solid line should sit barely above its "
-        "dashed single line, while the LoRA ensemble with dropout gains clearly.",
-    )
-    rows: dict[str, list[Series]] = {}
-    used: list[Run] = []
-    colors = ("#8c564b", "#17becf", "#e377c2", "#bcbd22")
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        mc = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
-        ens = rs.variants(task, lambda r: r.method == "lora" and r.dropout > 0, ref)
-        lines = []
-        for i, s in enumerate(mc + ens):
-            lines += _series(s, "eval", METRICS[:3], colors[i % len(colors)])
-            used += s.runs
-        if not mc or not ens:
-            what = _missing(("an mc_dropout run", mc), ("a LoRA run with lora.dropout>0", ens))
-            section.notes.append(
-                f"{task}: Fig. 4 {'drawn without' if lines else 'needs'} "
-                + " and ".join(what)
-                + "."
-            )
-        if lines:
-            rows[task] = lines
-    if rows:
-        footer = provenance(used)
-        fig = figures.dropout_figure(rows, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-4.png",
-            "MC dropout averages M stochastic passes of one adapter (dashed: mean of the "
-            f"single passes); LoRA ens. + dropout trains M adapters with dropout. {footer}",
-        )
-    return section
+
+def _fig_4(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    mc = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
+    ens = rs.variants(task, lambda r: r.method == "lora" and r.dropout > 0, ref)
+    panel = Panel([])
+    for i, s in enumerate(mc + ens):
+        panel.data += _series(s, "eval", METRICS[:3], _DROPOUT_COLORS[i % len(_DROPOUT_COLORS)])
+        panel.runs += s.runs
+    if not mc or not ens:
+        what = _missing(("an mc_dropout run", mc), ("a LoRA run with lora.dropout>0", ens))
+        panel.notes.append("Fig. 4 " + _lacking(bool(panel.data), what))
+    return panel
 
 
 # ----------------------------------------------------------------------------- Fig. 5
 
 
-def _fig_5(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-5",
-        "Figure 5: out-of-distribution",
-        "Ensembles (solid) should have lower OOD NLL and ECE than single members (dashed). "
-        "AUROC near or below 0.5 means −max p cannot tell the OOD questions apart.",
+def _fig_5(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    settings = _one_per_family(
+        [
+            s
+            for s in rs.variants(task, is_plain_lora, ref)
+            if any(r.get("split") == "ood" for r in s.first.rows)
+        ]
     )
-    rows: dict[str, list[Series]] = {}
-    used: list[Run] = []
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        settings = _one_per_family(
-            [
-                s
-                for s in rs.variants(task, is_plain_lora, ref)
-                if any(r.get("split") == "ood" for r in s.first.rows)
-            ]
+    panel = Panel([])
+    for s in settings:
+        # Legend by family (one colour); each row's chosen strengths go in its title.
+        color, family = family_color(s.first.family), s.first.family
+        panel.data += _merge_series(
+            _series(s, "ood", METRICS[:3], color, family),
+            _series(s, "ood_detection", ("neg_max_prob",), color, family),
         )
-        lines = []
-        for s in settings:
-            # Legend by family (one colour); each row's chosen strengths go in its title.
-            color, family = family_color(s.first.family), s.first.family
-            lines += _merge_series(
-                _series(s, "ood", METRICS[:3], color, family),
-                _series(s, "ood_detection", ("neg_max_prob",), color, family),
-            )
-            used += s.runs
-        if lines:
-            ood = distinct_values(s.first.ood_task for s in settings)
-            strengths = [
-                s.first.regulariser.split(" ", 1)[-1] for s in settings if s.first.family != "none"
-            ]
-            title = f"{task} → {ood}" + (f" ({', '.join(strengths)})" if strengths else "")
-            rows[title] = lines
-        elif any(r.task == task for r in rs.train):
-            section.notes.append(
-                f"{task}: needs LoRA runs trained with data.ood_task (per-epoch 'ood' rows)."
-            )
-    if rows:
-        footer = provenance(used)
-        fig = figures.ood_figure(rows, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-5.png",
-            "Rows: trained on the task left of the arrow, tested on the one right of it. "
-            "One line pair per regulariser family: the strength with the lowest "
-            "in-distribution ensemble NLL. "
-            "AUROC treats OOD as the positive class with score −max p (single: mean of the "
-            f"members' AUROCs). {footer}",
-        )
-    return section
+        panel.runs += s.runs
+    if panel.data:
+        ood = distinct_values(s.first.ood_task for s in settings)
+        strengths = [
+            s.first.regulariser.split(" ", 1)[-1] for s in settings if s.first.family != "none"
+        ]
+        panel.title = f"{task} → {ood}" + (f" ({', '.join(strengths)})" if strengths else "")
+    elif any(r.task == task for r in rs.train):
+        panel.missing.append("LoRA runs trained with data.ood_task (per-epoch 'ood' rows)")
+    return panel
 
 
 def _merge_series(metrics: list[Series], detection: list[Series]) -> list[Series]:
@@ -573,126 +430,179 @@ def _merge_series(metrics: list[Series], detection: list[Series]) -> list[Series
 # ----------------------------------------------------------------------------- Fig. 6
 
 
-def _fig_6(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-6",
-        "Figure 6: ensemble size",
-        "All metrics improve with M, with diminishing returns.",
+def _fig_6(rs: RunSet, task: str) -> Panel:
+    lora = [r for r in rs.train if r.task == task and r.method == "lora" and r.has_predictions]
+    if not lora:
+        return Panel(missing=["a LoRA run with predictions.jsonl"])
+    # The biggest pool; among equals prefer the unregularised plain setting.
+    run = max(lora, key=lambda r: (r.members, is_plain_lora(r) and r.family == "none", -r.seed))
+    pool = _pool(run) if run.members >= 2 else None
+    if pool is None or pool.member_log_probs.shape[0] < 2:
+        return Panel(missing=["a LoRA run with at least 2 members"])
+    size = pool.member_log_probs.shape[0]
+    ablation = ensemble_size_ablation(
+        pool.member_log_probs, pool.labels, tuple(range(1, size + 1)), SIZE_DRAWS
     )
-    rows: dict[str, list[dict]] = {}
-    csv_rows: list[dict] = []
-    used: list[Run] = []
-    for task in rs.tasks:
-        lora = [r for r in rs.train if r.task == task and r.method == "lora" and r.has_predictions]
-        if not lora:
-            section.notes.append(f"{task}: needs a LoRA run with predictions.jsonl.")
-            continue
-        # The biggest pool; among equals prefer the unregularised plain setting.
-        run = max(lora, key=lambda r: (r.members, is_plain_lora(r) and r.family == "none", -r.seed))
-        pool = _pool(run) if run.members >= 2 else None
-        if pool is None or pool.member_log_probs.shape[0] < 2:
-            section.notes.append(f"{task}: needs a LoRA run with at least 2 members.")
-            continue
-        size = pool.member_log_probs.shape[0]
-        ablation = ensemble_size_ablation(
-            pool.member_log_probs, pool.labels, tuple(range(1, size + 1)), SIZE_DRAWS
-        )
-        rows[task] = ablation
-        used.append(run)
-        for row in ablation:
-            csv_rows.append(
-                {
-                    "task": task,
-                    "run": str(run.path),
-                    "pool_size": row["pool_size"],
-                    "size": row["size"],
-                    "draws": row["draws"],
-                    **{f"mean_{m}": row["mean"][m] for m in METRICS},
-                    **{f"std_{m}": row["std"][m] for m in METRICS},
-                }
-            )
-    columns = ["task", "run", "pool_size", "size", "draws"] + [
-        f"{s}_{m}" for s in ("mean", "std") for m in METRICS
+    rows = [
+        {
+            "task": task,
+            "run": str(run.path),
+            "pool_size": row["pool_size"],
+            "size": row["size"],
+            "draws": row["draws"],
+            **{f"mean_{m}": row["mean"][m] for m in METRICS},
+            **{f"std_{m}": row["std"][m] for m in METRICS},
+        }
+        for row in ablation
     ]
-    out.write_csv("size.csv", columns, csv_rows)
-    if rows:
-        footer = provenance(used)
-        fig = figures.ensemble_size_figure(rows, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-6.png",
-            f"For each M, {SIZE_DRAWS} random size-M subsets of the task's largest trained "
-            "pool (its final epoch, from predictions.jsonl); band: ± 1 std over the "
-            f"subsets. Numbers in size.csv. {footer}",
-        )
-    return section
+    return Panel(ablation, runs=[run], rows=rows)
 
 
 # ----------------------------------------------------------------------------- Fig. 7
 
 
-def _fig_7(rs: RunSet, out: Output) -> Section:
-    section = Section(
-        "fig-7",
-        "Figure 7: sources of randomness",
-        "Each source alone should already lift the ensemble (bars) above the single members "
-        "(diamonds); with neither, members are identical and the gap vanishes.",
-    )
-    panels: dict[str, list[Bar]] = {}
-    used: list[Run] = []
-    for task in rs.tasks:
-        ref = rs.reference(task)
-        settings = rs.variants(task, lambda r: r.method == "lora" and r.dropout == 0, ref)
-        by_reg: dict[str, list[Setting]] = defaultdict(list)
-        for s in settings:
-            by_reg[s.first.regulariser].append(s)
-        bars = []
-        for reg, group in by_reg.items():
-            if len({s.first.randomness for s in group}) < 2:
-                continue
-            group.sort(key=lambda s: RANDOMNESS_ORDER.index(s.first.randomness))
-            for s in group:
-                mean, std = s.table("ensemble"), s.table_std("ensemble")
-                bars.append(
-                    Bar(
-                        s.first.randomness,
-                        reg,
-                        family_color(s.first.family),
-                        {m: (mean[m], std[m]) for m in METRICS[:3] if m in mean},
-                        {m: v for m, v in s.table("single").items() if m in METRICS[:3]},
-                    )
+def _fig_7(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    settings = rs.variants(task, lambda r: r.method == "lora" and r.dropout == 0, ref)
+    by_reg: dict[str, list[Setting]] = defaultdict(list)
+    for s in settings:
+        by_reg[s.first.regulariser].append(s)
+    panel = Panel([])
+    for reg, group in by_reg.items():
+        if len({s.first.randomness for s in group}) < 2:
+            continue
+        group.sort(key=lambda s: RANDOMNESS_ORDER.index(s.first.randomness))
+        for s in group:
+            mean, std = s.table("ensemble"), s.table_std("ensemble")
+            panel.data.append(
+                Bar(
+                    s.first.randomness,
+                    reg,
+                    family_color(s.first.family),
+                    {m: (mean[m], std[m]) for m in METRICS[:3] if m in mean},
+                    {m: v for m, v in s.table("single").items() if m in METRICS[:3]},
                 )
-                used += s.runs
-        if bars:
-            panels[task] = bars
-        elif any(r.task == task and r.method == "lora" for r in rs.train):
-            section.notes.append(
-                f"{task}: needs LoRA runs differing only in randomness (ensemble.vary_init / "
-                "ensemble.vary_data_order), e.g. init+data and init only or data only."
             )
-    if panels:
-        footer = provenance(used)
-        fig = figures.randomness_figure(panels, footer)
-        section.add_figure(
-            out,
-            fig,
-            "fig-7.png",
-            "Bars: final ensemble metric (error bar: std over seeds); diamonds: mean of the "
-            f"single members. The y axes are zoomed and do not start at 0. {footer}",
+            panel.runs += s.runs
+    if not panel.data and any(r.task == task and r.method == "lora" for r in rs.train):
+        panel.missing.append(
+            "LoRA runs differing only in randomness (ensemble.vary_init / "
+            "ensemble.vary_data_order), e.g. init+data and init only or data only"
         )
-    return section
+    return panel
 
 
-# The page's order. A builder's name (less its underscores) keys the section if it fails.
-SECTIONS: tuple[Callable[[RunSet, Output], Section], ...] = (
-    _fig_1a,
-    _reliability_sections,
-    _fig_2,
-    _fig_3,
-    _table_1,
-    _fig_4,
-    _fig_5,
-    _fig_6,
-    _fig_7,
+# ----------------------------------------------------------------------------- the page's order
+
+SECTIONS: tuple[SectionSpec, ...] = (
+    SectionSpec(
+        key="fig-1a",
+        title="Figure 1a: confidence on wrong answers",
+        look_for="Few-shot is unsure but often wrong; a single fine-tuned LoRA is confidently "
+        "wrong (mass near 1); the regularised ensemble should move mass back towards low "
+        "confidence.",
+        panel=_fig_1a,
+        draw=figures.confidence_figure,
+        image="fig-1a.png",
+        caption="Histogram densities (20 shared bins on [0, 1]) of max p on wrongly answered "
+        "eval questions. Few-shot pools all draws; LoRA (M=1) is member 0 of the "
+        "unregularised run; the regularised ensemble uses the strength with the lowest "
+        "ensemble NLL.",
+    ),
+    SectionSpec(
+        key="reliability",
+        title="Reliability diagrams (single member vs ensemble)",
+        look_for="Bars on the diagonal are calibrated; bars below it mean over-confidence. The "
+        "ensemble's bars should sit closer to the diagonal than member 0's.",
+        panel=_reliability,
+        draw=_draw_reliability,
+        image="fig-reliability-{task}.png",
+        caption=f"{{task}}: accuracy per confidence bin ({RELIABILITY_BINS} bins) of member 0 "
+        "and of the ensemble of {run} (first seed). ECE in the titles uses the same "
+        f"{RELIABILITY_BINS} bins.",
+    ),
+    SectionSpec(
+        key="fig-2",
+        title="Figure 2: single member → ensemble under each regulariser",
+        look_for="Arrows should point right and down: ensembling raises accuracy and lowers "
+        "ECE. Strong KL or very early stopping can shrink the arrows (members stay alike).",
+        panel=_fig_2,
+        draw=figures.arrows_figure,
+        image="fig-2.png",
+        caption="Tail: mean of the single members; head: the ensemble (final epoch of each "
+        "run, averaged over seeds). Early-stop arrows are the unregularised run's eval rows "
+        f"at epochs {', '.join(map(str, EARLY_STOP_EPOCHS))} (constant learning rate, so "
+        "stopping there gives the same members).",
+    ),
+    SectionSpec(
+        key="fig-3",
+        title="Figure 3: metrics over training, unregularised vs weight decay on B",
+        look_for="Accuracy rises for both; without regularisation NLL (and ECE) climb after a "
+        "few epochs, weight decay on B keeps them down. The gap between dashed (single) and "
+        "solid (ensemble) lines is what ensembling buys.",
+        panel=_fig_3,
+        draw=figures.training_curves_figure,
+        image="fig-3.png",
+        caption="Eval metrics per evaluated epoch, averaged over seeds. When several B-decay "
+        "strengths were run, the one with the lowest final ensemble NLL is shown.",
+    ),
+    SectionSpec(
+        key="table-1",
+        title="Table 1: LoRA ensemble vs last-layer ensemble",
+        look_for="Last-layer ensembles only tune the answer letters' output rows and underfit: "
+        "expect clearly lower accuracy than the LoRA ensemble.",
+        panel=_table_1,
+        csv="table1.csv",
+        columns=("task", "method", "members", "seeds")
+        + tuple(f"{which}_{m}" for which in ("ensemble", "single") for m in METRICS),
+    ),
+    SectionSpec(
+        key="fig-4",
+        title="Figure 4: MC dropout vs LoRA ensemble with dropout",
+        look_for="With the same number of members, MC dropout's solid line should sit barely "
+        "above its dashed single line, while the LoRA ensemble with dropout gains clearly.",
+        panel=_fig_4,
+        draw=figures.dropout_figure,
+        image="fig-4.png",
+        caption="MC dropout averages M stochastic passes of one adapter (dashed: mean of the "
+        "single passes); LoRA ens. + dropout trains M adapters with dropout.",
+    ),
+    SectionSpec(
+        key="fig-5",
+        title="Figure 5: out-of-distribution",
+        look_for="Ensembles (solid) should have lower OOD NLL and ECE than single members "
+        "(dashed). AUROC near or below 0.5 means −max p cannot tell the OOD questions apart.",
+        panel=_fig_5,
+        draw=figures.ood_figure,
+        image="fig-5.png",
+        caption="Rows: trained on the task left of the arrow, tested on the one right of it. "
+        "One line pair per regulariser family: the strength with the lowest "
+        "in-distribution ensemble NLL. AUROC treats OOD as the positive class with score "
+        "−max p (single: mean of the members' AUROCs).",
+    ),
+    SectionSpec(
+        key="fig-6",
+        title="Figure 6: ensemble size",
+        look_for="All metrics improve with M, with diminishing returns.",
+        panel=_fig_6,
+        draw=figures.ensemble_size_figure,
+        image="fig-6.png",
+        caption=f"For each M, {SIZE_DRAWS} random size-M subsets of the task's largest "
+        "trained pool (its final epoch, from predictions.jsonl); band: ± 1 std over the "
+        "subsets. Numbers in size.csv.",
+        csv="size.csv",
+        columns=("task", "run", "pool_size", "size", "draws")
+        + tuple(f"{s}_{m}" for s in ("mean", "std") for m in METRICS),
+    ),
+    SectionSpec(
+        key="fig-7",
+        title="Figure 7: sources of randomness",
+        look_for="Each source alone should already lift the ensemble (bars) above the single "
+        "members (diamonds); with neither, members are identical and the gap vanishes.",
+        panel=_fig_7,
+        draw=figures.randomness_figure,
+        image="fig-7.png",
+        caption="Bars: final ensemble metric (error bar: std over seeds); diamonds: mean of "
+        "the single members. The y axes are zoomed and do not start at 0.",
+    ),
 )
