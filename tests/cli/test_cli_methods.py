@@ -2,13 +2,14 @@
 
 import json
 
+import numpy as np
 import pytest
 from helpers import make_questions, train_argv
 
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl
 from loraens.evaluation.ood import SCORES
-from loraens.rundir import read_jsonl
+from loraens.rundir import RunDir, read_jsonl
 
 
 def _train(model_dir, files, out, *extra):
@@ -37,6 +38,20 @@ def test_methods_write_the_same_run_directory(
     assert all((m / saved[0]).exists() for m in members)
     rows = [r for r in read_jsonl(out / "metrics.jsonl") if r["split"] == "eval"]
     assert {r["member"] for r in rows if r["epoch"] == 2} == {0, 1, 2, "ensemble"}
+    # Every evaluated epoch's unrounded log-probs: each member's accuracy in metrics.jsonl,
+    # and the final epoch's probabilities in predictions.jsonl, come from them.
+    saved = RunDir(out).read_eval_log_probs()
+    assert saved.epochs == [1, 2] and saved.member_log_probs.shape[:2] == (2, 3)
+    for e, lp in zip(saved.epochs, saved.member_log_probs, strict=True):
+        for r in rows:
+            if r["epoch"] == e and r["member"] != "ensemble":
+                hits = lp[r["member"]].argmax(axis=1) == saved.labels
+                assert r["accuracy"] == pytest.approx(hits.mean(), abs=1e-12)
+    for i, p in enumerate(read_jsonl(out / "predictions.jsonl")):
+        k = len(p["member_probs"][0])
+        last = np.exp(saved.member_log_probs[-1][:, i])
+        np.testing.assert_allclose(last[:, :k], p["member_probs"], atol=1e-6)
+        assert not last[:, k:].any()  # padding past the options is -inf
     prediction = read_jsonl(out / "predictions.jsonl")[0]
     assert len(prediction["member_probs"]) == 3  # M passes / members averaged
     assert json.loads((out / "summary.json").read_text())["epochs_trained"] == 2
@@ -68,7 +83,10 @@ def test_ood_and_size_ablation_commands(tiny_model_dir, questions_files, tmp_pat
 
     main(["ablate_size", str(out), "--sizes", "[1, 2, 3]", "--draws", "3"])
     printed = capsys.readouterr().out.splitlines()
-    assert [line.split()[0] for line in printed[1:]] == ["1", "2", "3"]
+    # (epoch, M) of each line: both evaluated epochs, from eval_log_probs.safetensors.
+    assert [tuple(line.split()[:2]) for line in printed[1:]] == [
+        (e, m) for e in ("1", "2") for m in ("1", "2", "3")
+    ]
 
 
 def test_few_shot_command(tiny_model_dir, tmp_path, capsys):

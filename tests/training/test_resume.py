@@ -65,16 +65,24 @@ def _outputs(run_dir):
         m: load_file(run_dir / "members" / f"member-0{m}" / "adapter_model.safetensors")
         for m in range(2)
     }
-    return adapters, read_jsonl(run_dir / "metrics.jsonl")
+    log_probs = load_file(run_dir / "eval_log_probs.safetensors")
+    return adapters, read_jsonl(run_dir / "metrics.jsonl"), log_probs
 
 
 def _assert_same(a, b):
-    adapters_a, rows_a = a
-    adapters_b, rows_b = b
+    adapters_a, rows_a, log_probs_a = a
+    adapters_b, rows_b, log_probs_b = b
     assert rows_a == rows_b
     for m in adapters_a:
         for key, tensor in adapters_a[m].items():
             assert tensor.equal(adapters_b[m][key]), key
+    # Every evaluated epoch, bit for bit (an epoch redone after the resume replaces its entry).
+    assert sorted(log_probs_a) == sorted(log_probs_b) == [
+        *(f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)),
+        "labels",
+    ]
+    for key, tensor in log_probs_a.items():
+        assert tensor.equal(log_probs_b[key]), key
 
 
 @pytest.fixture(scope="module")

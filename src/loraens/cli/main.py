@@ -231,22 +231,32 @@ def ablate_size(
     draws: int = 5,
     seed: int = 0,
 ) -> None:
-    """Ensemble-size ablation without retraining: metrics of random M-subsets of a run's pool.
+    """Ensemble-size ablation without retraining: metrics of random M-subsets of a run's pool,
+    at every evaluated epoch.
 
     Args:
-        run: Run directory (or its predictions.jsonl) with a pool of members, e.g. M = 20.
+        run: Run directory with a pool of members, e.g. M = 20 (or its predictions.jsonl).
+            Reads the unrounded per-epoch eval_log_probs.safetensors; runs without it (older
+            loraens) give the final epoch from the rounded predictions.jsonl.
         sizes: Ensemble sizes to draw; sizes above the pool are skipped.
         draws: Random subsets per size, drawn without replacement from the pool.
-        seed: Seed of the draws.
+        seed: Seed of the draws (a size's subsets are the same at every epoch).
     """
     from loraens.evaluation.tables import METRICS
-    from loraens.experiments.size_ablation import ablate_run_size
+    from loraens.experiments.size_ablation import SOURCE_PREDICTIONS, ablate_run_size
+    from loraens.rundir.layout import EVAL_LOG_PROBS_FILE, PREDICTIONS_FILE
 
     rows = ablate_run_size(run, sizes=tuple(sizes), draws=draws, seed=seed)
-    print(f"{'M':>4}" + "".join(f"{m:>20}" for m in METRICS))
+    if rows and rows[0]["source"] == SOURCE_PREDICTIONS:
+        print(
+            f"Final epoch only, from the rounded {PREDICTIONS_FILE}: this run has no "
+            f"{EVAL_LOG_PROBS_FILE} (trained by an older loraens)."
+        )
+    print(f"{'epoch':>5}{'M':>4}" + "".join(f"{m:>20}" for m in METRICS))
     for row in rows:
+        epoch = "?" if row["epoch"] is None else row["epoch"]
         cells = "".join(f"{row['mean'][m]:>12.4f} ± {row['std'][m]:<5.3f}" for m in METRICS)
-        print(f"{row['size']:>4}{cells}")
+        print(f"{epoch:>5}{row['size']:>4}{cells}")
 
 
 def experiment(

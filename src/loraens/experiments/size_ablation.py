@@ -1,8 +1,11 @@
 """Ensemble-size ablation (§5.3, Fig. 6) from one trained pool, without retraining.
 
 The paper trains a pool of 20 members and, for each ensemble size M, averages the metrics of 5
-random size-M subsets. Members are independent, so a subset's ensemble is just the probability
-average of its members' saved predictions: everything here works on stored log-probs.
+random size-M subsets, at every epoch. Members are independent, so a subset's ensemble is just
+the probability average of its members' saved predictions: everything here works on stored
+log-probs. A run's unrounded per-epoch log-probs (``eval_log_probs.safetensors``) are used when
+present; runs written before that file existed fall back to ``predictions.jsonl`` (rounded, final
+epoch only).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from numpy.typing import ArrayLike
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
 from loraens.evaluation.tables import METRICS
-from loraens.rundir import RunDir, read_jsonl
+from loraens.rundir import EvalLogProbs, RunDir, read_jsonl
 
-DEFAULT_SIZES = (1, 3, 5, 10, 15)
+DEFAULT_SIZES = (1, 3, 5, 10, 15)  # M = 1 and the paper's {3, 5, 10, 15}
 DEFAULT_DRAWS = 5
 
 # predictions.jsonl rounds probabilities to 6 decimals, so a stored 0 means p < 5e-7. Reading it
@@ -140,14 +143,74 @@ def read_prediction_pool(
     return PredictionPool(out, labels, [row["id"] for row in rows])
 
 
+SOURCE_LOG_PROBS = "eval_log_probs"  # per epoch, unrounded
+SOURCE_PREDICTIONS = "predictions"  # final epoch only, rounded
+
+
+@dataclass(frozen=True)
+class EpochPools:
+    """A run's pool at each evaluated epoch: (E, P, N, K) log p_T, labels, and where from.
+
+    ``epochs[i]`` is None when the epoch is unknown (a bare ``predictions.jsonl``).
+    """
+
+    epochs: list[int | None]
+    member_log_probs: np.ndarray
+    labels: np.ndarray
+    source: str
+
+    @property
+    def per_epoch(self) -> bool:
+        return self.source == SOURCE_LOG_PROBS
+
+
+def read_epoch_pools(path: str | Path) -> EpochPools:
+    """A run's pools per evaluated epoch from ``eval_log_probs.safetensors``; without that file
+    (older runs, or ``path`` naming ``predictions.jsonl``), the final epoch from
+    ``predictions.jsonl``, labelled with the summary's kept epoch when there is one."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        if run.eval_log_probs.is_file():
+            saved: EvalLogProbs = run.read_eval_log_probs()
+            return EpochPools(
+                list(saved.epochs), saved.member_log_probs, saved.labels, SOURCE_LOG_PROBS
+            )
+        epoch = None
+        if run.summary.is_file():
+            summary = run.read_summary()
+            epoch = summary.epoch_kept or summary.epochs_trained
+        pool = read_prediction_pool(run.predictions)
+    else:
+        epoch, pool = None, read_prediction_pool(path)
+    return EpochPools([epoch], pool.member_log_probs[None], pool.labels, SOURCE_PREDICTIONS)
+
+
+def ablate_epoch_pools(
+    pools: EpochPools,
+    sizes: tuple[int, ...] = DEFAULT_SIZES,
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+) -> list[dict]:
+    """:func:`ensemble_size_ablation` at every epoch: its rows with ``epoch`` and ``source``
+    added, by epoch then size. The subsets of one M are the same at every epoch (they depend
+    on the seed and M only), so a curve over epochs follows the same ensembles."""
+    rows = []
+    for epoch, lp in zip(pools.epochs, pools.member_log_probs, strict=True):
+        for row in ensemble_size_ablation(lp, pools.labels, sizes, draws, seed):
+            rows.append({"epoch": epoch, "source": pools.source, **row})
+    return rows
+
+
 def ablate_run_size(
     path: str | Path,
     sizes: tuple[int, ...] = DEFAULT_SIZES,
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
 ) -> list[dict]:
-    """:func:`ensemble_size_ablation` on a run's ``predictions.jsonl`` (file or run directory)."""
-    pool = read_prediction_pool(path)
-    if (pool.labels < 0).any():
+    """:func:`ablate_epoch_pools` on a run directory (per epoch when it has
+    ``eval_log_probs.safetensors``) or on a ``predictions.jsonl`` file (final epoch)."""
+    pools = read_epoch_pools(path)
+    if (pools.labels < 0).any():
         raise ValueError(f"{path}: some predictions have no answer; the ablation needs labels.")
-    return ensemble_size_ablation(pool.member_log_probs, pool.labels, sizes, draws, seed)
+    return ablate_epoch_pools(pools, sizes, draws, seed)

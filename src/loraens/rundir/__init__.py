@@ -8,6 +8,15 @@ This package sits below :mod:`loraens.training`, :mod:`loraens.evaluation` and
 
 from loraens.io import read_jsonl
 from loraens.rundir.layout import RunDir
+from loraens.rundir.log_probs import EvalLogProbs
 from loraens.rundir.records import CellRecord, FewShotResult, RecordError, RunSummary
 
-__all__ = ["CellRecord", "FewShotResult", "RecordError", "RunDir", "RunSummary", "read_jsonl"]
+__all__ = [
+    "CellRecord",
+    "EvalLogProbs",
+    "FewShotResult",
+    "RecordError",
+    "RunDir",
+    "RunSummary",
+    "read_jsonl",
+]

@@ -3,6 +3,7 @@
 config.yaml              the resolved configuration (:class:`~loraens.config.TrainConfig`)
 metrics.jsonl            one row per (epoch, split, member | "ensemble")
 predictions.jsonl        per question: every member's p_T, the ensemble's, the label
+eval_log_probs.safetensors  every member's unrounded eval log p_T at every evaluated epoch
 members/member-XX/       each member as a PEFT adapter folder
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
@@ -17,9 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from numpy.typing import ArrayLike
 
 from loraens.config import TrainConfig
 from loraens.io import write_text_atomic
+from loraens.rundir.log_probs import EvalLogProbs, read_eval_log_probs, write_eval_log_probs
 from loraens.rundir.records import (
     CellRecord,
     FewShotResult,
@@ -31,6 +34,7 @@ from loraens.rundir.records import (
 CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
+EVAL_LOG_PROBS_FILE = "eval_log_probs.safetensors"
 SUMMARY_FILE = "summary.json"
 FEW_SHOT_FILE = "few_shot.json"
 CELL_FILE = "cell.json"
@@ -57,6 +61,10 @@ class RunDir:
     @property
     def predictions(self) -> Path:
         return self.root / PREDICTIONS_FILE
+
+    @property
+    def eval_log_probs(self) -> Path:
+        return self.root / EVAL_LOG_PROBS_FILE
 
     @property
     def summary(self) -> Path:
@@ -106,6 +114,15 @@ class RunDir:
             return TrainConfig.from_dict(values)
         except (yaml.YAMLError, ValueError, TypeError, AttributeError) as err:
             raise ValueError(f"{self.config} is not a valid loraens config: {err}") from err
+
+    def write_eval_log_probs(
+        self, epoch: int, member_log_probs: ArrayLike, labels: ArrayLike
+    ) -> None:
+        """Record an evaluated epoch's (M, N, K) eval log-probs (see :mod:`.log_probs`)."""
+        write_eval_log_probs(self.eval_log_probs, epoch, member_log_probs, labels)
+
+    def read_eval_log_probs(self) -> EvalLogProbs:
+        return read_eval_log_probs(self.eval_log_probs)
 
     def read_summary(self) -> RunSummary:
         return read_record(RunSummary, self.summary)

@@ -428,6 +428,9 @@ def _evaluate_epoch(
     labels = np.asarray(s.eval_set.labels)
     epoch_rows = metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
     fit.state.rows += epoch_rows
+    # Unrounded, every evaluated epoch (Fig. 6 per epoch); written before this epoch's
+    # checkpoint, so a resume redoes and rewrites it, never skips it.
+    s.dist.on_main(lambda: s.run.write_eval_log_probs(epoch + 1, member_log_probs, labels))
     if len(ood):
         fit.state.rows += _ood_rows(member_log_probs, fit.evaluate(ood), ood, epoch)
     ens = epoch_rows[-1]
@@ -542,6 +545,7 @@ def _train_last_layer(s: _Setup) -> TrainResult:
         ]
         state.rows += metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
         write_jsonl_atomic(run.metrics, state.rows)
+        run.write_eval_log_probs(epoch + 1, member_log_probs, labels)
         final["log_probs"] = member_log_probs
 
     tick = time.perf_counter()
