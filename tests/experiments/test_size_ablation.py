@@ -1,18 +1,22 @@
-"""Ensemble-size ablation: subset draws, metrics per size, and reading predictions.jsonl."""
+"""Ensemble-size ablation: subset draws, metrics per size, reading the per-epoch log-probs and
+falling back to predictions.jsonl."""
 
 import numpy as np
 import pytest
 from helpers import make_questions
+from safetensors.numpy import load_file
 
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
 from loraens.evaluation.predictions import write_predictions
 from loraens.experiments.size_ablation import (
+    SOURCE_LOG_PROBS,
+    SOURCE_PREDICTIONS,
     ablate_run_size,
     draw_subsets,
     ensemble_size_ablation,
     read_prediction_pool,
 )
-from loraens.rundir import RunDir
+from loraens.rundir import RunDir, RunSummary
 
 
 def _pool(p=6, n=40, k=4, seed=0):
@@ -94,3 +98,99 @@ def test_rounded_zero_probabilities_keep_the_nll_finite(tmp_path):
     assert np.isfinite(floored.member_log_probs).all()
     exact = read_prediction_pool(tmp_path / "predictions.jsonl", rounded_zero=None)
     assert np.isneginf(exact.member_log_probs[:, :, 1:]).all()
+
+
+# ----------------------------------------------------------------------------- per-epoch file
+
+
+def _by_hand(lp: np.ndarray, labels: np.ndarray, members: tuple[int, ...]) -> tuple[float, float]:
+    """Accuracy and NLL of the probability average of ``members``, with numpy alone."""
+    chosen = lp[list(members)].astype(np.float64)
+    top = chosen.max(axis=0)
+    mixed = top + np.log(np.exp(chosen - top).mean(axis=0))  # logsumexp - log M
+    nll = -mixed[np.arange(len(labels)), labels].mean()
+    return float((mixed.argmax(axis=1) == labels).mean()), float(nll)
+
+
+def _write_epochs(run: RunDir, epochs=(1, 2, 4), p=6, n=30, k=4):
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, k, size=n)
+    written = {}
+    for e in epochs:
+        logits = rng.normal(size=(p, n, k)) * e  # sharper each epoch: the epochs differ
+        lp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        run.write_eval_log_probs(e, lp, labels)
+        written[e] = lp
+    return written, labels
+
+
+def test_ablation_from_the_log_prob_file_matches_numpy_per_epoch(tmp_path):
+    run = RunDir(tmp_path)
+    _write_epochs(run)
+    saved = load_file(run.eval_log_probs)  # the tensors as stored (float32)
+    assert saved["epoch-0001"].dtype == np.float32 and saved["epoch-0001"].shape == (6, 30, 4)
+    labels = saved["labels"]
+
+    rows = ablate_run_size(tmp_path, sizes=(1, 3, 6), draws=4, seed=2)
+    assert [(r["epoch"], r["size"]) for r in rows] == [
+        (e, m) for e in (1, 2, 4) for m in (1, 3, 6)
+    ]
+    assert {r["source"] for r in rows} == {SOURCE_LOG_PROBS}
+    for row in rows:
+        lp = saved[f"epoch-{row['epoch']:04d}"]
+        per_subset = [_by_hand(lp, labels, s) for s in row["subsets"]]
+        assert all(len(set(s)) == row["size"] for s in row["subsets"])
+        assert row["mean"]["accuracy"] == pytest.approx(np.mean([a for a, _ in per_subset]))
+        assert row["mean"]["nll"] == pytest.approx(np.mean([n for _, n in per_subset]), 1e-9)
+        assert row["std"]["nll"] == pytest.approx(np.std([n for _, n in per_subset]), abs=1e-9)
+    # A hand-chosen subset: M = 6 is the whole pool, at each epoch its own numbers.
+    full = {r["epoch"]: r for r in rows if r["size"] == 6}
+    for e in (1, 2, 4):
+        acc, nll = _by_hand(saved[f"epoch-{e:04d}"], labels, tuple(range(6)))
+        assert full[e]["mean"]["accuracy"] == acc
+        assert full[e]["mean"]["nll"] == pytest.approx(nll, 1e-9)
+    assert len({full[e]["mean"]["nll"] for e in (1, 2, 4)}) == 3
+    # One M's subsets are the same at every epoch: a curve follows the same ensembles.
+    three = [r["subsets"] for r in rows if r["size"] == 3]
+    assert three[0] == three[1] == three[2]
+
+
+def test_rewriting_an_epoch_keeps_earlier_ones_and_drops_later_ones(tmp_path):
+    run = RunDir(tmp_path)
+    written, labels = _write_epochs(run, epochs=(1, 2, 3))
+    # A resumed run redoes epoch 2: its entry is replaced and epoch 3 (from before) dropped.
+    redo = written[2] - 0.5
+    run.write_eval_log_probs(2, redo, labels)
+    saved = run.read_eval_log_probs()
+    assert saved.epochs == [1, 2]
+    np.testing.assert_array_equal(saved.at(1), written[1].astype(np.float32))
+    np.testing.assert_array_equal(saved.at(2), redo.astype(np.float32))
+    assert not any(p.name.endswith(".tmp") for p in tmp_path.iterdir())  # written atomically
+
+
+def test_a_run_without_the_log_prob_file_falls_back_to_its_final_predictions(tmp_path):
+    questions = make_questions(20, seed=4, n_choices=4)
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(4, 20, 4)) * 2
+    lp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    run = RunDir(tmp_path)
+    write_predictions(run.predictions, questions, lp)
+    run.write_summary(
+        RunSummary(
+            table={}, train_questions=8, eval_questions=20, train_seconds=1.0,
+            train_tokens_per_second=1.0, wall_seconds=1.0, precision="fp32", device="cpu",
+            epochs_trained=5, epoch_kept=3,
+        )
+    )  # fmt: skip
+    labels = np.array([q.answer for q in questions])
+
+    rows = ablate_run_size(tmp_path, sizes=(2, 4), draws=3)
+    assert [(r["epoch"], r["size"], r["source"]) for r in rows] == [
+        (3, 2, SOURCE_PREDICTIONS),  # the kept epoch, which predictions.jsonl holds
+        (3, 4, SOURCE_PREDICTIONS),
+    ]
+    acc, nll = _by_hand(lp, labels, (0, 1, 2, 3))
+    assert rows[1]["mean"]["accuracy"] == acc
+    assert rows[1]["mean"]["nll"] == pytest.approx(nll, 1e-4)  # rounded to 6 decimals
+    # The file itself given: no epoch to name.
+    assert ablate_run_size(run.predictions, sizes=(4,), draws=1)[0]["epoch"] is None
