@@ -20,7 +20,7 @@ from loraens.evaluation.tables import METRICS, metric_rows, single_vs_ensemble
 from loraens.experiments.report import write_report
 from loraens.experiments.runs import collect_runs
 from loraens.io import write_json_atomic, write_jsonl_atomic
-from loraens.rundir import RunDir
+from loraens.rundir import RunDir, read_jsonl
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 N_CHOICES = 4
@@ -69,6 +69,7 @@ def write_train_run(
     n_eval: int = 40,
     complete: bool = True,
     cell: str | None = None,
+    eval_log_probs: bool = True,
 ) -> Path:
     """A training run directory in the format `loraens train` writes (plus ``cell.json``)."""
     cfg = TrainConfig()
@@ -95,6 +96,8 @@ def write_train_run(
             for m in range(members)
         ]
         rows += metric_rows(lp, labels, epoch=epoch, split="eval")
+        if eval_log_probs:  # as training does; runs of older loraens lack the file
+            run.write_eval_log_probs(epoch, lp, labels)
         if ood_task:
             ood_lp = synthetic_log_probs(ood_labels, members, 0.3, rng)
             rows += metric_rows(ood_lp, ood_labels, epoch=epoch, split="ood")
@@ -186,6 +189,11 @@ def make_synthetic_runs(root: Path) -> Path:
     write_train_run(
         cqa / "b_decay", task="cqa", ood_task="mmlu", epochs=3, weight_decay=100.0, decay_target="B"
     )
+    # Fig. 8 (App. B): the same λ on A only and on both; another λ on A only, which Fig. 8
+    # passes over (fewer targets). No OOD rows, so Fig. 5 keeps its inputs.
+    for name, target, decay in (("a_decay", "A", 100.0), ("ab_decay", "all", 100.0),
+                                ("a_decay_1e3", "A", 1000.0)):  # fmt: skip
+        write_train_run(cqa / name, task="cqa", epochs=3, weight_decay=decay, decay_target=target)
     return base
 
 
@@ -213,6 +221,7 @@ EXPECTED_FIGURES = [
     "fig-5.png",
     "fig-6.png",
     "fig-7.png",
+    "fig-8.png",
 ]
 
 
@@ -241,7 +250,7 @@ def test_page_has_table_1_and_lists_the_runs(full_report):
     _, index = full_report
     page = index.read_text()
     assert "Table 1" in page and "last-layer ens." in page
-    assert "Found 13 finished training run(s) and 1 few-shot run(s)" in page
+    assert "Found 16 finished training run(s) and 1 few-shot run(s)" in page
     assert "incomplete (no summary.json)" in page  # the crashed run is listed as ignored
 
 
@@ -265,7 +274,7 @@ def test_classification_by_config(full_report):
 def test_runs_csv_has_a_row_per_run(full_report):
     _, index = full_report
     rows = read_csv(index.parent / "runs.csv")
-    assert len(rows) == 14  # 13 training runs + 1 few-shot
+    assert len(rows) == 17  # 16 training runs + 1 few-shot
     assert {"path", "task", "regulariser", "ensemble_accuracy", "single_ece"} <= set(rows[0])
     few = [r for r in rows if r["kind"] == "few_shot"]
     assert len(few) == 1 and few[0]["ensemble_accuracy"] == ""  # draws are not an ensemble
@@ -294,9 +303,76 @@ def test_table1_and_size_csvs(full_report):
     assert table[0]["seeds"] == "0 1"
     size = read_csv(index.parent / "size.csv")
     arce = [r for r in size if r["task"] == "arce"]
-    assert [int(r["size"]) for r in arce] == list(range(1, 7))
-    assert all(r["pool_size"] == "6" for r in arce)
-    assert float(arce[-1]["std_accuracy"]) == 0.0  # M = pool: every draw is the full pool
+    # Every evaluated epoch; M = 1, the paper's sizes that fit and the whole pool.
+    assert [(int(r["epoch"]), int(r["size"])) for r in arce] == [
+        (e, m) for e in range(1, 5) for m in (1, 3, 5, 6)
+    ]
+    assert all(r["pool_size"] == "6" and r["source"] == "eval_log_probs" for r in arce)
+    assert all(float(r["std_accuracy"]) == 0.0 for r in arce if r["size"] == "6")
+
+
+def _ensemble_row(run: Path, epoch: int) -> dict:
+    return next(
+        r
+        for r in read_jsonl(run / "metrics.jsonl")
+        if r["split"] == "eval" and r["epoch"] == epoch and r["member"] == "ensemble"
+    )
+
+
+def test_size_csv_whole_pool_equals_the_runs_own_ensemble_rows(full_report):
+    """M = pool at each epoch is the run's full ensemble: metrics.jsonl has its numbers."""
+    runs, index = full_report
+    pool = runs / "arce" / "pool" / "seed-0"
+    full = [r for r in read_csv(index.parent / "size.csv") if r["size"] == "6"]
+    assert {r["run"] for r in full} == {str(pool)}
+    for r in full:
+        expected = _ensemble_row(pool, int(r["epoch"]))
+        for m in ("accuracy", "nll", "ece", "brier"):
+            # The file holds float32 log-probs; metrics.jsonl was computed in float64.
+            assert float(r[f"mean_{m}"]) == pytest.approx(expected[m], abs=1e-5), (r["epoch"], m)
+
+
+def test_fig_6_falls_back_to_final_predictions_with_a_note(tmp_path):
+    write_train_run(tmp_path / "runs" / "old", members=4, eval_log_probs=False)
+    index = write_report([tmp_path / "runs"], tmp_path / "report")
+    page = index.read_text()
+    assert_png(tmp_path / "report" / "fig-6.png")
+    assert "Fig. 6 shows the final epoch only, from the rounded predictions.jsonl" in page
+    size = read_csv(tmp_path / "report" / "size.csv")
+    assert [(r["epoch"], r["size"], r["source"]) for r in size] == [
+        ("4", "1", "predictions"),
+        ("4", "3", "predictions"),
+        ("4", "4", "predictions"),
+    ]
+    expected = _ensemble_row(tmp_path / "runs" / "old", 4)
+    assert float(size[-1]["mean_nll"]) == pytest.approx(expected["nll"], abs=1e-4)  # rounded
+
+
+def test_fig_8_compares_decay_on_a_b_and_both_from_the_metrics_rows(full_report):
+    runs, index = full_report
+    page = index.read_text()
+    assert '<img src="fig-8.png"' in page
+    rows = read_csv(index.parent / "decay_target.csv")
+    # cqa: λ = 100 has all three targets; λ = 1000 (A only) is passed over. arce: B only.
+    assert {(r["task"], r["weight_decay"]) for r in rows} == {("cqa", "100.0")}
+    folders = {"A and B": "ab_decay", "B only": "b_decay", "A only": "a_decay"}
+    assert [(r["decay_on"], r["epoch"]) for r in rows] == [
+        (name, str(e)) for name in folders for e in (1, 2, 3)
+    ]
+    for r in rows:
+        metrics = [
+            m
+            for m in read_jsonl(runs / "cqa" / folders[r["decay_on"]] / "metrics.jsonl")
+            if m["split"] == "eval" and m["epoch"] == int(r["epoch"])
+        ]
+        members = [m for m in metrics if m["member"] != "ensemble"]
+        (ensemble,) = [m for m in metrics if m["member"] == "ensemble"]
+        for key in ("accuracy", "nll"):
+            assert float(r[f"ensemble_{key}"]) == pytest.approx(ensemble[key], rel=1e-12)
+            mean = sum(m[key] for m in members) / len(members)
+            assert float(r[f"single_{key}"]) == pytest.approx(mean, rel=1e-12)
+    # arce has only B-decay: the page says what Fig. 8 needs there.
+    assert "arce: needs runs with weight decay λ=100 on A and B (optim.decay_target=all)" in page
 
 
 def test_partial_runs_still_give_a_report_that_says_what_is_missing(tmp_path):
@@ -308,7 +384,7 @@ def test_partial_runs_still_give_a_report_that_says_what_is_missing(tmp_path):
     for name in ("fig-reliability-arce.png", "fig-2.png", "fig-3.png", "fig-6.png"):
         assert_png(tmp_path / "report" / name)
         assert f'<img src="{name}"' in page
-    for name in ("fig-1a.png", "fig-4.png", "fig-5.png", "fig-7.png"):
+    for name in ("fig-1a.png", "fig-4.png", "fig-5.png", "fig-7.png", "fig-8.png"):
         assert not (tmp_path / "report" / name).exists()
     assert "Failed" not in page
     assert len(read_csv(tmp_path / "report" / "table1.csv")) == 0

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
@@ -34,6 +35,7 @@ __all__ = [
     "Series",
     "arrows_figure",
     "confidence_figure",
+    "decay_target_figure",
     "dropout_figure",
     "ensemble_size_figure",
     "family_color",
@@ -423,33 +425,82 @@ def ood_figure(rows: Mapping[str, Sequence[Series]], footer: str) -> Figure:
     )
 
 
+def decay_target_figure(rows: Mapping[str, Sequence[Series]], footer: str) -> Figure:
+    """Fig. 8 (App. B): very large weight decay on A only, B only or both, over epochs."""
+    return _epoch_grid(
+        rows,
+        ("accuracy", "nll"),
+        "Fig. 8: very large weight decay on A only, B only, or both",
+        footer,
+    )
+
+
 # ----------------------------------------------------------------------------- Fig. 6
 
 
-def ensemble_size_figure(rows: Mapping[str, Sequence[Mapping]], footer: str) -> Figure:
-    """Fig. 6: ensemble metrics vs M (mean ± std over random subsets), rows = tasks.
+def _size_colors(sizes: Sequence[int]) -> dict[int, str]:
+    """One colour per ensemble size, light to dark as M grows."""
+    cmap = colormaps["viridis"]
+    n = len(sizes)
+    return {
+        m: _hex(cmap(0.85 - 0.75 * i / max(n - 1, 1))) for i, m in enumerate(sorted(sizes))
+    }
 
-    ``rows[task]`` are :func:`loraens.experiments.size_ablation.ensemble_size_ablation` rows.
+
+def _hex(rgba: Sequence[float]) -> str:
+    return "#" + "".join(f"{round(c * 255):02x}" for c in rgba[:3])
+
+
+def ensemble_size_figure(rows: Mapping[str, Sequence[Mapping]], footer: str) -> Figure:
+    """Fig. 6: ensemble metrics of random size-M subsets (mean ± std), rows = tasks.
+
+    ``rows[task]`` are :func:`loraens.experiments.size_ablation.ablate_epoch_pools` rows. A task
+    evaluated at several epochs is drawn over epochs, one line per M (the paper's view); one
+    evaluated epoch (or a run with only its final predictions) is drawn against M.
     """
     metrics = ("accuracy", "nll", "ece")
     fig, axes = _grid(len(rows), len(metrics), 3.2, 2.5)
+    by_epoch_tasks = [t for t, a in rows.items() if len({row["epoch"] for row in a}) >= 2]
+    all_sizes = sorted({row["size"] for t in by_epoch_tasks for row in rows[t]})
+    colors = _size_colors(all_sizes)
     for r, (task, ablation) in enumerate(rows.items()):
-        sizes = np.asarray([row["size"] for row in ablation])
+        epochs = list(dict.fromkeys(row["epoch"] for row in ablation))
+        pool = ablation[0]["pool_size"] if ablation else 0
+        by_epoch = task in by_epoch_tasks
         for c, metric in enumerate(metrics):
             ax = axes[r, c]
-            mean = np.asarray([row["mean"][metric] for row in ablation])
-            std = np.asarray([row["std"][metric] for row in ablation])
-            ax.fill_between(sizes, mean - std, mean + std, color="#1f77b4", alpha=0.25, lw=0)
-            ax.plot(sizes, mean, "o-", color="#1f77b4", ms=3)
-            pool = ablation[0]["pool_size"] if ablation else 0
-            ax.set(xlabel="Ensemble size M", ylabel=METRIC_LABELS[metric])
-            ax.set_title(f"{task} (pool of {pool})", fontsize=9)
+            if by_epoch:
+                for size in dict.fromkeys(row["size"] for row in ablation):
+                    chosen = [row for row in ablation if row["size"] == size]
+                    _band(ax, [row["epoch"] for row in chosen], chosen, metric, colors[size])
+                ax.set_xlabel("Epoch")
+            else:
+                _band(ax, [row["size"] for row in ablation], ablation, metric, "#1f77b4")
+                where = "" if epochs[0] is None else f", epoch {epochs[0]}"
+                ax.set_xlabel(f"Ensemble size M{where}")
+            ax.set_ylabel(METRIC_LABELS[metric])
+            ax.set_title("\n".join(textwrap.wrap(f"{task} (pool of {pool})", 36)), fontsize=9)
             ax.xaxis.get_major_locator().set_params(integer=True)
-    handles = [
-        Line2D([], [], color="#1f77b4", marker="o", label="mean over random subsets"),
-        Patch(color="#1f77b4", alpha=0.25, label="± 1 std"),
+    handles: list[object] = []
+    handles += [
+        Line2D([], [], color=colors[m], marker=".", label=f"M={m}" + (" (single)" * (m == 1)))
+        for m in all_sizes
     ]
-    return _finish(fig, "Fig. 6: ensemble size", footer, handles, ncol=2)
+    if len(by_epoch_tasks) < len(rows):
+        handles.append(
+            Line2D([], [], color="#1f77b4", marker="o", label="mean over subsets, against M")
+        )
+    handles.append(Patch(color="#777777", alpha=0.25, label="± 1 std over the random subsets"))
+    return _finish(fig, "Fig. 6: ensemble size", footer, handles, ncol=4)
+
+
+def _band(ax, xs: Sequence[float], rows: Sequence[Mapping], metric: str, color: str) -> None:
+    """A mean line with a ± 1 std band."""
+    x = np.asarray(xs, dtype=float)
+    mean = np.asarray([row["mean"][metric] for row in rows])
+    std = np.asarray([row["std"][metric] for row in rows])
+    ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+    ax.plot(x, mean, "o-" if len(x) < 12 else "-", color=color, ms=3, lw=1.4)
 
 
 # ----------------------------------------------------------------------------- Fig. 7

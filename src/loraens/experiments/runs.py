@@ -208,6 +208,11 @@ class Run:
     def has_predictions(self) -> bool:
         return RunDir(self.path).predictions.is_file()
 
+    @property
+    def has_eval_log_probs(self) -> bool:
+        """Every evaluated epoch's unrounded log-probs were saved (runs since Fig. 6 per epoch)."""
+        return RunDir(self.path).eval_log_probs.is_file()
+
     def table(self, which: str) -> dict[str, float]:
         """The summary's "single (mean)" or "ensemble (M=...)" row."""
         table = self.summary.table

@@ -9,7 +9,7 @@ loop over tasks, the notes saying what is missing, the provenance footer, saving
 How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the reference):
 
 - Figures built from metrics average a setting's seeds; figures built from predictions
-  (reliability, Fig. 1a, Fig. 6) use its first seed.
+  (reliability, Fig. 1a) or saved log-probs (Fig. 6) use one run.
 - Where a figure shows one strength of a regulariser (Fig. 1a, 3, 5) it is the one with the
   lowest final in-distribution ensemble NLL; Fig. 2 shows every strength.
 """
@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from loraens.config import OptimConfig
 from loraens.evaluation.metrics import ensemble_log_probs, reliability_bins, summarize
 from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
@@ -40,10 +41,14 @@ from loraens.experiments.runs import (
     is_plain_lora,
 )
 from loraens.experiments.size_ablation import (
+    DEFAULT_SIZES,
+    EpochPools,
     PredictionPool,
-    ensemble_size_ablation,
+    ablate_epoch_pools,
+    read_epoch_pools,
     read_prediction_pool,
 )
+from loraens.rundir.layout import EVAL_LOG_PROBS_FILE, PREDICTIONS_FILE
 
 __all__ = ["SECTIONS", "Panel", "SectionSpec"]
 
@@ -52,6 +57,10 @@ log = logging.getLogger(__name__)
 EARLY_STOP_EPOCHS = (1, 2, 3)  # §4: early stopping after 1, 2 or 3 epochs
 SIZE_DRAWS = 5  # §5.3: 5 random subsets per ensemble size
 RELIABILITY_BINS = 10
+# App. B / Fig. 8: where very large weight decay goes (family of the run's regulariser, legend).
+DECAY_TARGETS = (("all-decay", "A and B"), ("B-decay", "B only"), ("A-decay", "A only"))
+DECAY_METRICS = ("accuracy", "nll")  # the paper's Fig. 8 rows
+_DEFAULT_DECAY = OptimConfig().weight_decay  # the unregularised default, not "very large"
 
 
 @dataclass
@@ -430,23 +439,52 @@ def _merge_series(metrics: list[Series], detection: list[Series]) -> list[Series
 # ----------------------------------------------------------------------------- Fig. 6
 
 
-def _fig_6(rs: RunSet, task: str) -> Panel:
-    lora = [r for r in rs.train if r.task == task and r.method == "lora" and r.has_predictions]
-    if not lora:
-        return Panel(missing=["a LoRA run with predictions.jsonl"])
-    # The biggest pool; among equals prefer the unregularised plain setting.
-    run = max(lora, key=lambda r: (r.members, is_plain_lora(r) and r.family == "none", -r.seed))
-    pool = _pool(run) if run.members >= 2 else None
-    if pool is None or pool.member_log_probs.shape[0] < 2:
-        return Panel(missing=["a LoRA run with at least 2 members"])
-    size = pool.member_log_probs.shape[0]
-    ablation = ensemble_size_ablation(
-        pool.member_log_probs, pool.labels, tuple(range(1, size + 1)), SIZE_DRAWS
+def _epoch_pools(run: Run) -> EpochPools | None:
+    """A run's per-epoch pools (or final predictions) on labelled questions; None if unusable."""
+    try:
+        pools = read_epoch_pools(run.path)
+    except (OSError, ValueError, KeyError) as error:
+        log.warning("cannot read the eval log-probs of %s: %s", run.path, error)
+        return None
+    keep = pools.labels >= 0
+    if not keep.any():
+        return None
+    return EpochPools(
+        pools.epochs, pools.member_log_probs[:, :, keep], pools.labels[keep], pools.source
     )
+
+
+def _fig_6(rs: RunSet, task: str) -> Panel:
+    lora = [
+        r
+        for r in rs.train
+        if r.task == task and r.method == "lora" and (r.has_eval_log_probs or r.has_predictions)
+    ]
+    if not lora:
+        return Panel(missing=[f"a LoRA run with {EVAL_LOG_PROBS_FILE} or {PREDICTIONS_FILE}"])
+    # The biggest pool; among equals one saved per epoch, then the unregularised plain setting.
+    run = max(
+        lora,
+        key=lambda r: (
+            r.members,
+            r.has_eval_log_probs,
+            is_plain_lora(r) and r.family == "none",
+            -r.seed,
+        ),
+    )
+    pools = _epoch_pools(run) if run.members >= 2 else None
+    if pools is None or pools.member_log_probs.shape[1] < 2:
+        return Panel(missing=["a LoRA run with at least 2 members"])
+    pool_size = pools.member_log_probs.shape[1]
+    # M = 1 and the paper's {3, 5, 10, 15} that fit, and the whole pool.
+    sizes = tuple(sorted({m for m in DEFAULT_SIZES if m <= pool_size} | {pool_size}))
+    ablation = ablate_epoch_pools(pools, sizes, SIZE_DRAWS)
     rows = [
         {
             "task": task,
             "run": str(run.path),
+            "source": row["source"],
+            "epoch": row["epoch"],
             "pool_size": row["pool_size"],
             "size": row["size"],
             "draws": row["draws"],
@@ -455,7 +493,15 @@ def _fig_6(rs: RunSet, task: str) -> Panel:
         }
         for row in ablation
     ]
-    return Panel(ablation, runs=[run], rows=rows)
+    panel = Panel(ablation, runs=[run], rows=rows)
+    if not pools.per_epoch:
+        panel.title = f"{task}: final epoch only, rounded"
+        panel.notes.append(
+            f"Fig. 6 shows the final epoch only, from the rounded {PREDICTIONS_FILE}: "
+            f"{rs.relative(run.path)} has no {EVAL_LOG_PROBS_FILE} (trained by an older "
+            "loraens; retrain it for the per-epoch curves)."
+        )
+    return panel
 
 
 # ----------------------------------------------------------------------------- Fig. 7
@@ -490,6 +536,71 @@ def _fig_7(rs: RunSet, task: str) -> Panel:
             "ensemble.vary_data_order), e.g. init+data and init only or data only"
         )
     return panel
+
+
+# ----------------------------------------------------------------------------- Fig. 8
+
+
+def _fig_8(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    names = dict(DECAY_TARGETS)
+    # {λ: {family: setting}} over the very large decays on A, B or both (plain LoRA runs).
+    by_strength: dict[float, dict[str, Setting]] = defaultdict(dict)
+    for s in rs.variants(task, is_plain_lora, ref):
+        strength = s.first.strength
+        if s.first.family in names and strength is not None and strength > _DEFAULT_DECAY:
+            by_strength[strength][s.first.family] = s
+    wanted = (
+        "LoRA runs with very large weight decay on A only (optim.decay_target=A), on B only "
+        "(B) and on both (all), at one strength"
+    )
+    if not by_strength:
+        has_lora = any(r.task == task and r.method == "lora" for r in rs.train)
+        return Panel(missing=[wanted] if has_lora else [])
+    # The strength run with the most targets (the paper: one λ per task, 1e2 on cqa, 1e3 on
+    # MMLU), then the one whose best target has the lowest final ensemble NLL.
+    strength, chosen = max(
+        by_strength.items(),
+        key=lambda item: (len(item[1]), -min(_ensemble_nll(s) for s in item[1].values())),
+    )
+    # The family is "<decay_target>-decay": its prefix is the config value to set.
+    absent = [
+        f"{name} (optim.decay_target={family.removesuffix('-decay')})"
+        for family, name in DECAY_TARGETS
+        if family not in chosen
+    ]
+    panel = Panel([], title=f"{task} (λ={strength:g})")
+    if absent:
+        panel.missing.append(f"runs with weight decay λ={strength:g} on " + " and ".join(absent))
+    if len(chosen) < 2:  # one target alone compares nothing
+        return panel
+    for family, name in DECAY_TARGETS:
+        if (s := chosen.get(family)) is not None:
+            panel.data += _series(s, "eval", DECAY_METRICS, family_color(family), name)
+            panel.runs += s.runs
+            panel.rows += _decay_rows(task, name, strength, s)
+    return panel
+
+
+def _decay_rows(task: str, name: str, strength: float, s: Setting) -> list[dict]:
+    """Fig. 8's numbers: per evaluated epoch, ensemble and single-mean accuracy and NLL."""
+    curves = {
+        (which, m): dict(zip(*s.curve("eval", which, m), strict=True))
+        for which in ("ensemble", "single")
+        for m in DECAY_METRICS
+    }
+    epochs = sorted(set.intersection(*(set(c) for c in curves.values())))
+    return [
+        {
+            "task": task,
+            "decay_on": name,
+            "weight_decay": strength,
+            "seeds": " ".join(map(str, s.seeds)),
+            "epoch": e,
+            **{f"{which}_{m}": curves[which, m][e] for which, m in curves},
+        }
+        for e in epochs
+    ]
 
 
 # ----------------------------------------------------------------------------- the page's order
@@ -583,15 +694,19 @@ SECTIONS: tuple[SectionSpec, ...] = (
     SectionSpec(
         key="fig-6",
         title="Figure 6: ensemble size",
-        look_for="All metrics improve with M, with diminishing returns.",
+        look_for="At every epoch all metrics improve with M (larger M: higher accuracy, lower "
+        "NLL and ECE), with diminishing returns; the gaps widen as single members overfit.",
         panel=_fig_6,
         draw=figures.ensemble_size_figure,
         image="fig-6.png",
-        caption=f"For each M, {SIZE_DRAWS} random size-M subsets of the task's largest "
-        "trained pool (its final epoch, from predictions.jsonl); band: ± 1 std over the "
-        "subsets. Numbers in size.csv.",
+        caption=f"For each M (1, the paper's 3, 5, 10, 15 where the pool allows, and the whole "
+        f"pool), {SIZE_DRAWS} random size-M subsets of the task's largest trained pool, the "
+        f"same subsets at every evaluated epoch, from the unrounded {EVAL_LOG_PROBS_FILE}; "
+        "band: ± 1 std over the subsets. A task evaluated at one epoch only is drawn against "
+        f"M; a run without that file gives its final epoch from the rounded {PREDICTIONS_FILE} "
+        "(named in its panel title). Numbers in size.csv.",
         csv="size.csv",
-        columns=("task", "run", "pool_size", "size", "draws")
+        columns=("task", "run", "source", "epoch", "pool_size", "size", "draws")
         + tuple(f"{s}_{m}" for s in ("mean", "std") for m in METRICS),
     ),
     SectionSpec(
@@ -604,5 +719,23 @@ SECTIONS: tuple[SectionSpec, ...] = (
         image="fig-7.png",
         caption="Bars: final ensemble metric (error bar: std over seeds); diamonds: mean of "
         "the single members. The y axes are zoomed and do not start at 0.",
+    ),
+    SectionSpec(
+        key="fig-8",
+        title="Figure 8: very large weight decay on A only, B only, or both",
+        look_for="Decay on A and B together should underfit (clearly lower accuracy); on A "
+        "only it should not stop NLL from climbing (overconfidence); on B only both accuracy "
+        "and NLL should be good.",
+        panel=_fig_8,
+        draw=figures.decay_target_figure,
+        image="fig-8.png",
+        caption="App. B: LoRA ensembles (solid) and their single-member mean (dashed) with the "
+        "same very large weight decay λ (in each row's title) applied to A only "
+        "(optim.decay_target=A), B only (B) or both (all); eval metrics per evaluated epoch, "
+        "averaged over seeds. Where several λ were run, the one run with the most targets. "
+        "Numbers in decay_target.csv.",
+        csv="decay_target.csv",
+        columns=("task", "decay_on", "weight_decay", "seeds", "epoch")
+        + tuple(f"{which}_{m}" for which in ("ensemble", "single") for m in DECAY_METRICS),
     ),
 )
