@@ -11,7 +11,8 @@ How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the re
 - Figures built from metrics average a setting's seeds; figures built from predictions
   (reliability, Fig. 1a) or saved log-probs (Fig. 6) use one run.
 - Where a figure shows one strength of a regulariser (Fig. 1a, 3, 5) it is the one with the
-  lowest final in-distribution ensemble NLL; Fig. 2 shows every strength.
+  lowest final in-distribution ensemble NLL; Fig. 2 shows every strength. Fig. 8 shows the
+  weight decay λ run on the most of A only, B only and both.
 """
 
 from __future__ import annotations
