@@ -132,9 +132,7 @@ def test_ablation_from_the_log_prob_file_matches_numpy_per_epoch(tmp_path):
     labels = saved["labels"]
 
     rows = ablate_run_size(tmp_path, sizes=(1, 3, 6), draws=4, seed=2)
-    assert [(r["epoch"], r["size"]) for r in rows] == [
-        (e, m) for e in (1, 2, 4) for m in (1, 3, 6)
-    ]
+    assert [(r["epoch"], r["size"]) for r in rows] == [(e, m) for e in (1, 2, 4) for m in (1, 3, 6)]
     assert {r["source"] for r in rows} == {SOURCE_LOG_PROBS}
     for row in rows:
         lp = saved[f"epoch-{row['epoch']:04d}"]

@@ -442,9 +442,7 @@ def _size_colors(sizes: Sequence[int]) -> dict[int, str]:
     """One colour per ensemble size, light to dark as M grows."""
     cmap = colormaps["viridis"]
     n = len(sizes)
-    return {
-        m: _hex(cmap(0.85 - 0.75 * i / max(n - 1, 1))) for i, m in enumerate(sorted(sizes))
-    }
+    return {m: _hex(cmap(0.85 - 0.75 * i / max(n - 1, 1))) for i, m in enumerate(sorted(sizes))}
 
 
 def _hex(rgba: Sequence[float]) -> str:
