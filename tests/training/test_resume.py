@@ -77,14 +77,8 @@ def _assert_same(a, b):
         for key, tensor in adapters_a[m].items():
             assert tensor.equal(adapters_b[m][key]), key
     # Every evaluated epoch, bit for bit (an epoch redone after the resume replaces its entry).
-    assert (
-        sorted(log_probs_a)
-        == sorted(log_probs_b)
-        == [
-            *(f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)),
-            "labels",
-        ]
-    )
+    expected = [*(f"epoch-{e:04d}" for e in range(1, EPOCHS + 1)), "labels"]
+    assert sorted(log_probs_a) == sorted(log_probs_b) == expected
     for key, tensor in log_probs_a.items():
         assert tensor.equal(log_probs_b[key]), key
 
