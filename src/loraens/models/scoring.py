@@ -28,9 +28,19 @@ def _head(model: nn.Module) -> nn.Linear:
     return model.get_output_embeddings()
 
 
+def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary logits, in the compute dtype (bf16 under bf16 autocast)."""
+    return _head(model)(hidden)
+
+
+def vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the vocabulary, in float32 whatever the logits' dtype."""
+    return F.log_softmax(logits.float(), dim=-1)
+
+
 def vocab_log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the full vocabulary, in float32 whatever the compute dtype."""
-    return F.log_softmax(_head(model)(hidden).float(), dim=-1)
+    return vocab_log_softmax(head_logits(model, hidden))
 
 
 def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
