@@ -18,7 +18,8 @@ from loraens.rundir import read_jsonl
 def trained_run(tiny_model_dir, questions_files, tmp_path):
     train, evaluation = questions_files
     out = tmp_path / "run"
-    main(train_argv(tiny_model_dir, train, evaluation, out))
+    # fp32, so that re-scoring in fp32 must reproduce the training run's numbers exactly
+    main(train_argv(tiny_model_dir, train, evaluation, out, "--runtime.precision", "fp32"))
     return out
 
 
@@ -94,9 +95,11 @@ def test_evaluate_and_predict_reproduce_the_training_run(trained_run, questions_
         for r in read_jsonl(trained_run / "metrics.jsonl")
         if r["split"] == "eval" and r["epoch"] == 2
     ]
+    assert len(rows) == len(final) == 4  # 3 members + the ensemble
     for ours, theirs in zip(rows, final, strict=True):
         assert ours["member"] == theirs["member"]
-        assert ours["nll"] == pytest.approx(theirs["nll"], rel=2e-2)
+        for metric in ("accuracy", "nll", "ece", "brier"):
+            assert ours[metric] == pytest.approx(theirs[metric], rel=1e-6, abs=1e-9), metric
 
     unlabeled = tmp_path / "questions.jsonl"
     unlabeled.write_text(
