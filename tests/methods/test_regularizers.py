@@ -7,13 +7,14 @@ from conftest import make_questions, tiny_llama, tiny_tokenizer
 
 import loraens.training.trainer as trainer_module
 from loraens.config import OptimConfig, TrainConfig
+from loraens.data.batching import collate
 from loraens.data.prompts import encode_questions, label_token_ids
 from loraens.evaluation.inference import score_members
 from loraens.methods.last_layer import LastLayerEnsemble, train_last_layer
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import answer_features
 from loraens.runtime import Runtime
-from loraens.training.kl import base_logits, kl_to_base
+from loraens.training.kl import base_log_probs, kl_to_base
 from loraens.training.optim import build_optimizer
 from loraens.training.trainer import EnsembleTrainer
 
@@ -86,12 +87,8 @@ def test_kl_to_base_is_kl_of_the_fine_tuned_from_the_base_distribution():
     reverse = _kl_float64(base, tuned)
     assert (forward - reverse).abs().min() > 1e-3  # every row tells the two directions apart
     torch.testing.assert_close(forward, _kl_float64(tuned, base))
-    ours = kl_to_base(torch.log_softmax(tuned, dim=-1), base)
+    ours = kl_to_base(torch.log_softmax(tuned, dim=-1), torch.log_softmax(base, dim=-1))
     torch.testing.assert_close(ours.double(), forward, rtol=1e-5, atol=1e-6)
-    # bf16-stored base logits (bf16 autocast) are used exactly as stored
-    stored = base.to(torch.bfloat16)
-    ours = kl_to_base(torch.log_softmax(tuned, dim=-1), stored)
-    torch.testing.assert_close(ours.double(), _kl_float64(tuned, stored), rtol=1e-5, atol=1e-6)
 
 
 def test_training_loss_is_nll_plus_beta_kl_from_the_base_in_the_papers_direction(data):
@@ -132,7 +129,7 @@ def test_training_loss_is_nll_plus_beta_kl_from_the_base_in_the_papers_direction
 
 def test_beta_kl_is_exactly_zero_at_initialisation_in_bf16(data, monkeypatch):
     """B = 0 makes the fine-tuned model the base model, so β·KL must be 0, not bf16 noise:
-    the reference must be computed the way the trained side is (same autocast, same head)."""
+    the reference must be computed the way the trained side is (same batch, autocast, head)."""
     tokenizer, train, _, label_ids = data
     ensemble = LoRAEnsemble(tiny_llama(len(tokenizer)), 3)
     ensemble.init_members([0, 1, 2])
@@ -154,7 +151,6 @@ def test_beta_kl_is_exactly_zero_at_initialisation_in_bf16(data, monkeypatch):
         batch_size=4,
         kl_beta=1.0,
     )
-    assert trainer.base_logits.dtype == torch.bfloat16  # stored as the head computed them
     trainer.train_epoch(0)
     first_step = seen[0]
     assert first_step.numel() == 3 * 4 and torch.count_nonzero(first_step) == 0
@@ -174,12 +170,10 @@ def test_huge_kl_weight_keeps_the_fine_tuned_distribution_at_the_base(data):
 def test_kl_reference_is_the_base_model_even_after_training(data):
     tokenizer, train, _, _ = data
     trained = _trained(data, OptimConfig(lr=1e-2))
-    torch.testing.assert_close(
-        base_logits(trained, train, FP32),
-        _answer_logits(tiny_llama(len(tokenizer)), train),
-        rtol=1e-5,
-        atol=1e-5,
-    )
+    batch = collate(train, [range(len(train))], pad_id=0)
+    reference = base_log_probs(trained, batch["input_ids"], batch["lengths"], FP32)
+    expected = torch.log_softmax(_answer_logits(tiny_llama(len(tokenizer)), train), dim=-1)
+    torch.testing.assert_close(reference, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(

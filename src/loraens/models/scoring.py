@@ -28,19 +28,9 @@ def _head(model: nn.Module) -> nn.Linear:
     return model.get_output_embeddings()
 
 
-def head_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary logits, in the compute dtype (bf16 under bf16 autocast)."""
-    return _head(model)(hidden)
-
-
-def vocab_log_softmax(logits: torch.Tensor) -> torch.Tensor:
-    """Log-softmax over the vocabulary, in float32 whatever the logits' dtype."""
-    return F.log_softmax(logits.float(), dim=-1)
-
-
 def vocab_log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the full vocabulary, in float32 whatever the compute dtype."""
-    return vocab_log_softmax(head_logits(model, hidden))
+    return F.log_softmax(_head(model)(hidden).float(), dim=-1)
 
 
 def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
@@ -55,8 +45,8 @@ def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor
 def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) -> torch.Tensor:
     """Final hidden state at the answer position of every question, (N, hidden) float32.
 
-    For quantities of the frozen model that never change during training (the KL reference,
-    last-layer features), computed once in length-sorted batches.
+    For quantities of the frozen model that never change during training (last-layer
+    features), computed once in length-sorted batches.
     """
     order = np.argsort([len(ids) for ids in encoded.input_ids], kind="stable")
     features = torch.empty(len(encoded), model.config.hidden_size)

@@ -15,7 +15,7 @@ from loraens.evaluation.inference import member_slices
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import answer_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
-from loraens.training.kl import base_logits, kl_to_base
+from loraens.training.kl import base_log_probs, kl_to_base
 
 
 class NonFiniteError(RuntimeError):
@@ -66,7 +66,6 @@ class EnsembleTrainer:
         self.params = ensemble.lora_parameters("A") + ensemble.lora_parameters("B")
         self.tokens_seen = 0  # non-padding tokens, for throughput reports
         self.kl_beta = kl_beta
-        self.base_logits = base_logits(ensemble, train_set, runtime) if kl_beta > 0 else None
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_set) // self.batch_size)
@@ -129,17 +128,14 @@ class EnsembleTrainer:
         inputs = collate(self.train_set, batches, self.pad_id)
         self.tokens_seen += int(inputs["lengths"].sum())
         device = self.runtime.device
+        input_ids, lengths = inputs["input_ids"].to(device), inputs["lengths"].to(device)
         with self.ensemble.members(members), self.runtime.autocast():
-            hidden = answer_hidden_states(
-                self.ensemble.model,
-                inputs["input_ids"].to(device),
-                inputs["lengths"].to(device),
-            )
+            hidden = answer_hidden_states(self.ensemble.model, input_ids, lengths)
             log_probs = vocab_log_probs(self.ensemble.model, hidden)
         targets = self.label_ids[inputs["labels"].to(device)]
         loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
-        if self.base_logits is not None:
-            base = self.base_logits[inputs["indices"]].to(device)
+        if self.kl_beta > 0:
+            base = base_log_probs(self.ensemble, input_ids, lengths, self.runtime)
             loss = loss + self.kl_beta * kl_to_base(log_probs, base)
         per_member = loss.view(len(batches), -1).mean(dim=1)
         if len(batches[0]) != full_size:
