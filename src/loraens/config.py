@@ -127,7 +127,8 @@ class OptimConfig:
     """Share of the training questions held out for optim.patience (unused without it)."""
     kl_beta: float = 0.0
     """β of the KL(p_fine-tuned || p_base) penalty at the answer position (paper: 0.01, 0.05,
-    0.1); 0 turns it off. Base distributions are computed once per training question."""
+    0.1); 0 turns it off. p_base comes from a second, gradient-free forward of each step's
+    batch with the adapters off, so β·KL is exactly 0 while ΔW = 0."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")

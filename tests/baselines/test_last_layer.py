@@ -1,5 +1,6 @@
 """Last-layer ensembles (ensemble.method=last_layer): only the answer letters' head rows train."""
 
+import numpy as np
 import pytest
 import torch
 from helpers import FP32, encoded_tiny_data, tiny_llama
@@ -35,9 +36,25 @@ def test_last_layer_trains_only_label_rows_with_the_full_vocabulary_loss(data):
     )
     torch.testing.assert_close(model.get_output_embeddings().weight, head_before)  # untied
     assert len(seen) == 3 and seen[-1][0].mean() < seen[0][0].mean()
-    assert seen[-1][1].shape == (3, len(evaluation), max(evaluation.n_choices))
     rows = ensemble.rows.detach()
     assert not torch.allclose(rows[0], rows[1])  # members differ by their data order
+
+    # The reported eval log p_T are the trained rows applied to the frozen model's answer
+    # position: recomputed from plain Hugging Face hidden states and a float64 softmax over
+    # each question's own options.
+    with torch.no_grad():
+        hidden = torch.stack(
+            [
+                model.model(input_ids=torch.tensor([ids])).last_hidden_state[0, -1]
+                for ids in evaluation.input_ids
+            ]
+        )
+    expected = np.full((3, len(evaluation), max(evaluation.n_choices)), -np.inf)
+    for m in range(3):
+        logits = (hidden @ rows[m].T).double()
+        for i, k in enumerate(evaluation.n_choices):
+            expected[m, i, :k] = torch.log_softmax(logits[i, :k], dim=-1).numpy()
+    np.testing.assert_allclose(seen[-1][1], expected, rtol=1e-5, atol=1e-5)
 
     # the cached log-sum-exp trick equals cross-entropy over the full vocabulary
     fresh = LastLayerEnsemble(model.get_output_embeddings().weight, label_ids, 1)

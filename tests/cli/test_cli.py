@@ -13,12 +13,15 @@ from transformers import AutoModelForCausalLM
 from loraens.cli.main import main
 from loraens.rundir import read_jsonl
 
+FP32 = ("--runtime.precision", "fp32")
+
 
 @pytest.fixture
 def trained_run(tiny_model_dir, questions_files, tmp_path):
     train, evaluation = questions_files
     out = tmp_path / "run"
-    main(train_argv(tiny_model_dir, train, evaluation, out))
+    # fp32, so that re-scoring in fp32 must reproduce the training run's numbers exactly
+    main(train_argv(tiny_model_dir, train, evaluation, out, *FP32))
     return out
 
 
@@ -94,9 +97,11 @@ def test_evaluate_and_predict_reproduce_the_training_run(trained_run, questions_
         for r in read_jsonl(trained_run / "metrics.jsonl")
         if r["split"] == "eval" and r["epoch"] == 2
     ]
+    assert len(rows) == len(final) == 4  # 3 members + the ensemble
     for ours, theirs in zip(rows, final, strict=True):
         assert ours["member"] == theirs["member"]
-        assert ours["nll"] == pytest.approx(theirs["nll"], rel=2e-2)
+        for metric in ("accuracy", "nll", "ece", "brier"):
+            assert ours[metric] == pytest.approx(theirs[metric], rel=1e-6, abs=1e-9), metric
 
     unlabeled = tmp_path / "questions.jsonl"
     unlabeled.write_text(
@@ -129,11 +134,11 @@ def test_rerun_of_a_finished_run_reports_it_and_a_changed_config_is_refused(
 ):
     train, evaluation = questions_files
     before = (trained_run / "metrics.jsonl").read_text()
-    main(train_argv(tiny_model_dir, train, evaluation, trained_run))
+    main(train_argv(tiny_model_dir, train, evaluation, trained_run, *FP32))
     assert "ensemble (M=3)" in capsys.readouterr().out
     assert (trained_run / "metrics.jsonl").read_text() == before
     with pytest.raises(SystemExit):
-        main(train_argv(tiny_model_dir, train, evaluation, trained_run, "--optim.lr", "0.5"))
+        main(train_argv(tiny_model_dir, train, evaluation, trained_run, *FP32, "--optim.lr", "0.5"))
     err = capsys.readouterr().err
     assert "different configuration" in err and "optim.lr" in err
 

@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

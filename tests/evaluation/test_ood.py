@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 from helpers import make_questions, tiny_llama, tiny_tokenizer
+from sklearn.metrics import roc_auc_score
 
 from loraens.data.tasks import TASKS
+from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.ood import OOD_PAIRS, SCORES, evaluate_ood, ood_metrics, ood_partner
 from loraens.models.loading import BaseModel
 from loraens.models.lora import LoRAEnsemble
@@ -115,8 +117,26 @@ def test_evaluate_ood_scores_a_loaded_ensemble():
     in_qs, ood_qs = make_questions(6, seed=1), make_questions(5, seed=2)
     result = evaluate_ood(loaded, in_qs, ood_qs, batch_size=4)
     assert (result["n_members"], result["n_in"], result["n_ood"]) == (2, 6, 5)
-    assert 0.0 <= result["auroc"]["ensemble"]["neg_max_prob"] <= 1.0
     assert set(result["ood"]) == {"single (mean)", "single (std)", "ensemble (M=2)"}
+
+    # The same members' scores, turned into AUROCs and accuracy independently: sklearn's
+    # roc_auc_score on the ensemble's (mean of probabilities) -max p, and a plain count.
+    p_in = np.exp(score_questions(loaded, in_qs, batch_size=4))
+    p_out = np.exp(score_questions(loaded, ood_qs, batch_size=4))
+    neg_max = np.r_[-p_in.mean(axis=0).max(axis=1), -p_out.mean(axis=0).max(axis=1)]
+    is_ood = np.r_[np.zeros(len(in_qs)), np.ones(len(ood_qs))]
+    assert len(set(neg_max)) == len(neg_max)  # no ties: the check does not hinge on them
+    assert result["auroc"]["ensemble"]["neg_max_prob"] == pytest.approx(
+        roc_auc_score(is_ood, neg_max), abs=1e-12
+    )
+    members = [
+        roc_auc_score(is_ood, np.r_[-p_in[m].max(axis=1), -p_out[m].max(axis=1)])
+        for m in range(2)
+    ]
+    assert result["auroc"]["single (per member)"] == pytest.approx(members, abs=1e-12)
+    ood_answers = np.array([q.answer for q in ood_qs])
+    ood_accuracy = np.mean(p_out.mean(axis=0).argmax(axis=1) == ood_answers)
+    assert result["ood"]["ensemble (M=2)"]["accuracy"] == pytest.approx(ood_accuracy)
     unlabelled = [q.__class__(q.id, q.question, q.choices, None) for q in ood_qs]
     assert "ood" not in evaluate_ood(loaded, in_qs, unlabelled, batch_size=4)
 

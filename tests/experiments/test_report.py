@@ -9,7 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from loraens.config import TrainConfig
 from loraens.data.records import Question
@@ -279,7 +281,15 @@ def test_runs_csv_has_a_row_per_run(full_report):
     few = [r for r in rows if r["kind"] == "few_shot"]
     assert len(few) == 1 and few[0]["ensemble_accuracy"] == ""  # draws are not an ensemble
     kl = next(r for r in rows if r["regulariser"] == "KL β=0.05")
-    assert 0 <= float(kl["ensemble_ece"]) <= 1
+    # The run's final ensemble, scored independently from its predictions.jsonl (probabilities
+    # rounded to 6 decimals) with torchmetrics' ECE and a plain accuracy count.
+    predictions = read_jsonl(Path(kl["path"]) / "predictions.jsonl")
+    probs = torch.tensor([p["ensemble_probs"] for p in predictions], dtype=torch.float64)
+    labels = torch.tensor([p["answer"] for p in predictions])
+    expected_ece = multiclass_calibration_error(probs, labels, num_classes=N_CHOICES, n_bins=15)
+    assert float(kl["ensemble_ece"]) == pytest.approx(expected_ece.item(), abs=1e-5)
+    expected_accuracy = (probs.argmax(dim=1) == labels).double().mean().item()
+    assert float(kl["ensemble_accuracy"]) == pytest.approx(expected_accuracy)
 
 
 def test_epochs_csv_holds_every_evaluation_row(full_report):

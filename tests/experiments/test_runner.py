@@ -1,6 +1,8 @@
 """Experiment files and the runner: grid expansion, selection, skipping, resuming, failures."""
 
+import itertools
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import pytest
@@ -8,6 +10,7 @@ import yaml
 
 import loraens.training.run as run_module
 from loraens.cli.main import main
+from loraens.data.batching import BATCHES_PER_LENGTH_GROUP
 from loraens.experiments.runner import cell_dir, cell_status, run_experiment
 from loraens.experiments.spec import ExperimentError, load_experiment, select
 from loraens.rundir import read_jsonl
@@ -95,6 +98,42 @@ def test_shipped_experiments_parse():
     root = Path(__file__).parents[2] / "experiments"
     for name in ("paper.yaml", "cpu-small.yaml"):
         assert load_experiment(root / name).cells
+
+
+def test_paper_grid_has_fig_7_trials_fig_8_targets_and_plain_shuffling():
+    cells = load_experiment(Path(__file__).parents[2] / "experiments" / "paper.yaml").cells
+    train = [c for c in cells if c.kind == "train"]
+    assert not any(c.config.data.group_by_length for c in train)  # the paper's shuffling
+
+    # Fig. 7: each source of randomness (both, init only, data only, neither) on cqa with 5
+    # trials, unregularised and with B-decay λ = 1e2.
+    seeds = defaultdict(set)
+    for c in train:
+        cfg = c.config
+        if c.task == "cqa" and cfg.ensemble.method == "lora" and cfg.lora.dropout == 0:
+            key = (cfg.ensemble.vary_init, cfg.ensemble.vary_data_order)
+            seeds[(*key, cfg.optim.decay_target, cfg.optim.weight_decay, cfg.optim.kl_beta)].add(
+                (c.seed, cfg.ensemble.members)
+            )
+    for vary_init, vary_order in itertools.product([True, False], repeat=2):
+        for target, decay in (("all", 0.01), ("B", 100.0)):
+            trials = seeds[(vary_init, vary_order, target, decay, 0.0)]
+            assert {s for s, m in trials if m == 5} == {0, 1, 2, 3, 4}
+
+    # Fig. 8 (App. B): decay on A, on B and on both, at λ = 1e2 (cqa) and 1e3 (MMLU).
+    decays = {(c.task, c.config.optim.decay_target, c.config.optim.weight_decay) for c in train}
+    for task, strength in (("cqa", 100.0), ("mmlu-ss", 1000.0), ("mmlu-stem", 1000.0)):
+        assert {(task, target, strength) for target in ("A", "B", "all")} <= decays
+
+
+def test_cpu_small_length_grouping_is_a_single_group():
+    """cpu-small keeps data.group_by_length on: with at most 8 batches of questions there is one
+    length group, so each member's order is a plain shuffle of its own (see the YAML)."""
+    cells = load_experiment(Path(__file__).parents[2] / "experiments" / "cpu-small.yaml").cells
+    for c in cells:
+        if c.kind == "train":
+            data, optim = c.config.data, c.config.optim
+            assert data.train_limit <= optim.batch_size * BATCHES_PER_LENGTH_GROUP, c.key
 
 
 def test_finished_cells_are_skipped_and_interrupted_ones_resume(

@@ -6,7 +6,7 @@ import pytest
 from helpers import make_questions
 from safetensors.numpy import load_file
 
-from loraens.evaluation.metrics import ensemble_log_probs, summarize
+from loraens.data.records import Question
 from loraens.evaluation.predictions import write_predictions
 from loraens.experiments.size_ablation import (
     SOURCE_LOG_PROBS,
@@ -26,13 +26,52 @@ def _pool(p=6, n=40, k=4, seed=0):
     return log_probs, rng.integers(0, k, size=n)
 
 
+# A hand-worked pool: 3 members, 2 two-option questions (labels a, b). Entries are p(option a).
+HAND_P_A = np.array([[0.9, 0.5], [0.6, 0.2], [0.35, 0.75]])
+HAND_LABELS = np.array([0, 1])
+# Each ensemble's metrics, worked out by hand from the mean probabilities (no ties, and no
+# confidence on a 15-bin ECE edge):
+#   {0,1}: p(a) = .75, .35 -> both right, confidences .75 and .65 in bins 11 and 9.
+#   {0,2}: p(a) = .625, .625 -> first right, second wrong; both .625 in bin 9.
+#   {1,2}: p(a) = .475, .475 -> first wrong, second right; both .525 in bin 7.
+#   {0,1,2}: p(a) = 1.85/3, 1.45/3 -> both right, confidences 1.85/3 and 1.55/3.
+HAND = {
+    (0, 1): {
+        "accuracy": 1.0,
+        "nll": -(np.log(0.75) + np.log(0.65)) / 2,
+        "ece": (0.25 + 0.35) / 2,
+        "brier": (2 * 0.25**2 + 2 * 0.35**2) / 2,
+    },
+    (0, 2): {
+        "accuracy": 0.5,
+        "nll": -(np.log(0.625) + np.log(0.375)) / 2,
+        "ece": 0.625 - 0.5,
+        "brier": (2 * 0.375**2 + 2 * 0.625**2) / 2,
+    },
+    (1, 2): {
+        "accuracy": 0.5,
+        "nll": -(np.log(0.475) + np.log(0.525)) / 2,
+        "ece": 0.525 - 0.5,
+        "brier": (2 * 0.525**2 + 2 * 0.475**2) / 2,
+    },
+    (0, 1, 2): {
+        "accuracy": 1.0,
+        "nll": -(np.log(1.85 / 3) + np.log(1.55 / 3)) / 2,
+        "ece": 1 - (1.85 / 3 + 1.55 / 3) / 2,
+        "brier": (2 * (1.15 / 3) ** 2 + 2 * (1.45 / 3) ** 2) / 2,
+    },
+}
+
+
+def _hand_pool() -> np.ndarray:
+    return np.log(np.stack([HAND_P_A, 1 - HAND_P_A], axis=-1))  # (3, 2, 2)
+
+
 def test_full_pool_size_is_the_full_ensemble_with_zero_std():
-    lp, labels = _pool()
-    (row,) = ensemble_size_ablation(lp, labels, sizes=(6,), draws=5)
-    assert row["subsets"] == [tuple(range(6))] * 5
-    full = summarize(ensemble_log_probs(lp), labels)
-    assert row["mean"] == full
-    assert row["std"] == {m: 0.0 for m in full}
+    (row,) = ensemble_size_ablation(_hand_pool(), HAND_LABELS, sizes=(3,), draws=5)
+    assert row["subsets"] == [(0, 1, 2)] * 5
+    assert row["mean"] == pytest.approx(HAND[(0, 1, 2)], rel=1e-12)
+    assert row["std"] == {m: 0.0 for m in HAND[(0, 1, 2)]}
 
 
 def test_sizes_above_the_pool_are_skipped_and_order_kept():
@@ -53,17 +92,25 @@ def test_subsets_are_without_replacement_and_seeded():
 
 
 def test_metrics_are_mean_and_std_over_the_drawn_subsets():
-    lp, labels = _pool(seed=1)
-    a = ensemble_size_ablation(lp, labels, sizes=(2,), draws=4, seed=7)
-    assert ensemble_size_ablation(lp, labels, sizes=(2,), draws=4, seed=7) == a
+    a = ensemble_size_ablation(_hand_pool(), HAND_LABELS, sizes=(2,), draws=6, seed=7)
+    assert ensemble_size_ablation(_hand_pool(), HAND_LABELS, sizes=(2,), draws=6, seed=7) == a
     (row,) = a
-    scores = [summarize(ensemble_log_probs(lp[list(s)]), labels) for s in row["subsets"]]
-    for metric in row["mean"]:
-        assert row["mean"][metric] == pytest.approx(np.mean([s[metric] for s in scores]))
-        assert row["std"][metric] == pytest.approx(np.std([s[metric] for s in scores]))
+    assert len(set(row["subsets"])) > 1  # the check below mixes different pairs
+    for metric in HAND[(0, 1)]:
+        values = [HAND[s][metric] for s in row["subsets"]]
+        assert row["mean"][metric] == pytest.approx(np.mean(values), rel=1e-12)
+        assert row["std"][metric] == pytest.approx(np.std(values), rel=1e-9)
     # A size's subsets do not depend on which other sizes are studied.
-    rows = ensemble_size_ablation(lp, labels, sizes=(1, 2), draws=4, seed=7)
+    rows = ensemble_size_ablation(_hand_pool(), HAND_LABELS, sizes=(1, 2), draws=6, seed=7)
     assert rows[1]["subsets"] == row["subsets"]
+
+
+def test_ablating_a_runs_predictions_gives_the_hand_worked_metrics(tmp_path):
+    questions = [Question(f"q{i}", "?", ("x", "y"), int(y)) for i, y in enumerate(HAND_LABELS)]
+    write_predictions(tmp_path / "predictions.jsonl", questions, _hand_pool())
+    (row,) = ablate_run_size(tmp_path, sizes=(3,), draws=2)
+    # stored probabilities are rounded to 6 decimals
+    assert row["mean"] == pytest.approx(HAND[(0, 1, 2)], abs=1e-5)
 
 
 def test_predictions_jsonl_round_trip(tmp_path):
@@ -85,7 +132,7 @@ def test_predictions_jsonl_round_trip(tmp_path):
     np.testing.assert_allclose(np.exp(pool.member_log_probs), np.exp(lp), atol=2e-6)
 
     rows = ablate_run_size(run.predictions, sizes=(2, 4), draws=3)
-    assert rows[1]["mean"] == pytest.approx(summarize(ensemble_log_probs(lp), pool.labels), 1e-4)
+    assert [r["size"] for r in rows] == [2, 4] and rows[1]["std"]["nll"] == 0.0
 
 
 def test_rounded_zero_probabilities_keep_the_nll_finite(tmp_path):

@@ -1,7 +1,7 @@
 """The expected-duration announcement made after a run's first optimiser step."""
 
 import torch
-from conftest import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, tiny_llama, tiny_tokenizer
 
 from loraens.config import OptimConfig, RuntimeConfig, TrainConfig
 from loraens.data.prompts import encode_questions, label_token_ids

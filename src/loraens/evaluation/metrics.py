@@ -157,7 +157,8 @@ def brier(log_probs: ArrayLike, labels: ArrayLike) -> float:
 class ReliabilityBins:
     """Per-bin statistics of top-label confidence, one entry per bin (arrays of length n_bins).
 
-    Bin ``i`` covers ``[lower[i], upper[i])``; the last bin is closed at 1.0. For an empty bin
+    Bin ``i`` covers ``[lower[i], upper[i])``, compared in float64 (a confidence exactly on an
+    edge belongs to the bin above it); the last bin is closed at 1.0. For an empty bin
     ``count`` is 0 and ``confidence`` / ``accuracy`` are 0.0 (not NaN): check ``count`` before
     plotting.
     """
@@ -185,9 +186,10 @@ def reliability_bins(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
     conf = np.exp(np.max(lp, axis=1))
     correct = (np.argmax(lp, axis=1) == y).astype(np.float64)
 
-    # Edges from linspace, as torchmetrics does, so boundary cases land in the same bins.
+    # Float64 edges and float64 confidences: bin k is [edges[k], edges[k+1]), so a confidence
+    # exactly on an edge falls in the bin above it, and 1.0 falls in the last bin (clipped).
+    # torchmetrics differs at exact edges (see ece), not elsewhere.
     edges = np.linspace(0.0, 1.0, n_bins + 1)
-    # side="right" makes bins half-open [lo, hi); clipping puts conf == 1.0 in the last bin.
     idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
 
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
@@ -206,8 +208,18 @@ def reliability_bins(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
 def ece(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
     """Expected calibration error: Σ_bins (n_b / N) · |acc_b − conf_b| (top-label, L1).
 
-    Follows the torchmetrics / torch-uncertainty convention: equal-width bins on [0, 1], each
-    weighted by its share of the questions.
+    Equal-width bins on [0, 1], each weighted by its share of the questions, binned as
+    :func:`reliability_bins` does: float64 edges ``np.linspace(0, 1, n_bins + 1)``, float64
+    confidences, bin k = [k/n, (k+1)/n), the last bin [(n-1)/n, 1].
+
+    torchmetrics' ``multiclass_calibration_error(norm="l1")`` gives the same value (tested to
+    1e-6) except at exact edges, because it bins in float32: it rounds confidences to float32,
+    compares them with float32 ``torch.linspace`` edges, several of which are not the nearest
+    float32 to k/15 (3/15 becomes 0.20000002, so a confidence of exactly 0.2 falls in bin 2
+    there and bin 3 here), and puts a confidence that rounds to 1.0 in float32 (p >= 1 - 2^-25)
+    in a bin of its own. The results differ only for confidences within float32 rounding of an
+    edge, or when such a 1.0 shares the last bin with answers whose calibration gap has the
+    opposite sign.
     """
     bins = reliability_bins(log_probs, labels, n_bins)
     weight = bins.count / bins.count.sum()

@@ -71,8 +71,8 @@ def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor
 def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) -> torch.Tensor:
     """Final hidden state at the answer position of every question, (N, hidden) float32.
 
-    For quantities of the frozen model that never change during training (the KL reference,
-    last-layer features), computed once in length-sorted batches.
+    For quantities of the frozen model that never change during training (last-layer
+    features), computed once in length-sorted batches.
     """
     lengths = [len(ids) for ids in encoded.input_ids]
     order = np.argsort(lengths, kind="stable")

@@ -1,38 +1,34 @@
-"""The KL-to-base regulariser (§3.4): β·KL(p(·|x; W*+ΔW) || p(·|x; W*)) at the answer position.
+"""The KL-to-base regulariser (§3.4, Eq. 4): β·KL(p(·|x; W*+ΔW) || p(·|x; W*)) at the answer
+position, over the full vocabulary.
 
-The base model never changes, so its next-token distribution is computed once per training
-question, with the adapters switched off, and reused every step: no second base forward per
-step. It is stored as float16 log-probabilities (N × vocab × 2 bytes: 80 MB for cqa's 821
-questions with SmolLM2's 49k vocabulary). float16 keeps ~3 significant digits: for tokens
-carrying the fine-tuned model's mass (log p > -10) the rounding is below 0.005 nats per token,
-so the KL term moves by well under 1% of its value; tokens below that contribute e^-10 or less.
+The base distribution is computed in every step, by a second forward of the very same stacked
+batch with the adapters switched off and no gradient: same rows, same padding, same autocast,
+same head, same float32 log-softmax as the trained side. Both sides therefore go through
+identical kernels, and at initialisation (B = 0, ΔW = 0) they are bit-identical, so β·KL is
+exactly zero in bf16 as in fp32. A reference computed once per question in other batches
+agrees only up to kernel rounding: under bf16 on SmolLM2-135M it gave 1.5e-3 nats of KL at
+B = 0 with the head outside autocast, and still up to 4.6e-4 with it inside. The price is one
+extra no-gradient forward per step in runs with β > 0, and no N × vocab reference in memory.
 """
 
 from __future__ import annotations
 
 import torch
 
-from loraens.data.prompts import EncodedQuestions
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import answer_features, vocab_log_probs
+from loraens.models.scoring import batch_hidden_states, vocab_log_probs
 from loraens.runtime import Runtime
 
 
-def base_log_probs(
-    ensemble: LoRAEnsemble, encoded: EncodedQuestions, runtime: Runtime, batch_size: int = 32
-) -> torch.Tensor:
-    """log p_base(· | x_i) over the full vocabulary for every question: (N, vocab) float16."""
-    model = ensemble.model
-    with ensemble.adapters_disabled():
-        features = answer_features(model, encoded, runtime, batch_size)
-    with torch.inference_mode():
-        chunks = [
-            vocab_log_probs(model, chunk.to(runtime.device)).to(torch.float16).cpu()
-            for chunk in features.split(batch_size)
-        ]
-    return torch.cat(chunks)
+def base_log_probs(ensemble: LoRAEnsemble, batch: dict, runtime: Runtime) -> torch.Tensor:
+    """log p_base(· | x) at each question's answer position in a training ``batch`` (a
+    :func:`loraens.data.packing.rows_batch`), (questions, vocab) float32, computed exactly as the
+    trained side is but with ΔW = 0 and without gradient."""
+    with torch.no_grad(), ensemble.adapters_disabled(), runtime.autocast():
+        hidden = batch_hidden_states(ensemble.model, batch, runtime.device)
+        return vocab_log_probs(ensemble.model, hidden)
 
 
 def kl_to_base(log_probs: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """KL(p || p_base) per row, from float32 log p and stored log p_base."""
-    return (log_probs.exp() * (log_probs - base.to(log_probs.dtype))).sum(dim=-1)
+    """KL(p || p_base) = Σ p (log p - log p_base) per row, from float32 log-probabilities."""
+    return (log_probs.exp() * (log_probs - base)).sum(dim=-1)

@@ -82,7 +82,6 @@ class EnsembleTrainer:
         self.pass_log: list[tuple[int, int, list[int]]] | None = None
         self.on_step: Callable[[float], None] | None = None  # gets each step's seconds
         self.kl_beta = kl_beta
-        self.base_log_probs = base_log_probs(ensemble, train_set, runtime) if kl_beta > 0 else None
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_set) // self.batch_size)
@@ -177,8 +176,8 @@ class EnsembleTrainer:
             log_probs = vocab_log_probs(self.ensemble.model, hidden)
         targets = self.label_ids[inputs["labels"].to(device)]
         loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
-        if self.base_log_probs is not None:
-            base = self.base_log_probs[inputs["indices"]].to(device)
+        if self.kl_beta > 0:
+            base = base_log_probs(self.ensemble, inputs, self.runtime)
             loss = loss + self.kl_beta * kl_to_base(log_probs, base)
         owner = (inputs["answer_rows"] // (len(rows) // n_active)).to(device)
         per_member = torch.zeros(n_active, device=device).index_add(0, owner, loss) / full_size
