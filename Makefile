@@ -18,4 +18,6 @@ bench: setup
 	$(BIN)/python bench/throughput.py
 
 lint: setup
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy

@@ -3,8 +3,12 @@ these; a field's docstring is its --help text)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Literal
+from typing import Any, Literal
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+"""Autocast dtype: 'auto' picks bf16 where the hardware supports it (fp16 on older GPUs)."""
 
 
 def _require(condition: bool, message: str) -> None:
@@ -194,7 +198,7 @@ class RuntimeConfig:
 
     device: str = "auto"
     """'auto' (CUDA if available, else CPU), 'cpu', 'cuda', 'cuda:1', ..."""
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Precision = "auto"
     """Autocast dtype for forward/backward: auto picks bf16 where the hardware supports it
     (fp16 on older GPUs), fp32 otherwise. Loss, metrics and adapters stay float32."""
     members_per_pass: int | None = None
@@ -263,13 +267,16 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: dict) -> TrainConfig:
         """Rebuild a config from ``to_dict`` output (a run's config.yaml); unknown keys fail."""
-        sections = {f.name: f.default_factory for f in fields(cls)}
+        sections: dict[str, Callable[[], Any]] = {
+            f.name: f.default_factory  # type: ignore[misc]  # every section has a factory
+            for f in fields(cls)
+        }
         unknown = set(values) - set(sections)
         if unknown:
             raise ValueError(
                 f"Unknown config sections {sorted(unknown)}; known: {sorted(sections)}"
             )
-        built = {}
+        built: dict[str, Any] = {}
         for name, factory in sections.items():
             section_type = type(factory())
             known = {f.name for f in fields(section_type)}

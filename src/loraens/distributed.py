@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -303,7 +303,7 @@ class Dist:
             raise error
         if outcome[1] is not None:
             raise PeerFailed(f"Stopped because rank 0 failed: {outcome[1]}")
-        return outcome[0]
+        return cast("T", outcome[0])
 
     def barrier(self) -> None:
         if self.active:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
+from transformers import PreTrainedModel
 
 from loraens.config import DataConfig, RuntimeConfig
 from loraens.data.prompts import (
@@ -181,7 +181,7 @@ def encode_few_shot(
 
 
 @contextmanager
-def base_model_as_ensemble(model: nn.Module) -> Iterator[LoRAEnsemble]:
+def base_model_as_ensemble(model: PreTrainedModel) -> Iterator[LoRAEnsemble]:
     """The unchanged base model seen as a 1-member :class:`LoRAEnsemble`, so it can be scored
     by :func:`score_members` (the one scoring loop) rather than by a copy of it.
 
@@ -207,7 +207,7 @@ def base_model_as_ensemble(model: nn.Module) -> Iterator[LoRAEnsemble]:
 
 
 def score_few_shot(
-    model: nn.Module,
+    model: PreTrainedModel,
     tokenizer,
     prompts: Sequence[FewShotPrompt],
     runtime: Runtime,
@@ -235,7 +235,7 @@ def score_few_shot(
 
 
 def few_shot_draws(
-    base_model: nn.Module,
+    base_model: PreTrainedModel,
     tokenizer,
     train: Sequence[Question],
     evaluation: Sequence[Question],

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from transformers import PreTrainedModel
 
 from loraens.data.batching import epoch_order
 from loraens.data.prompts import EncodedQuestions
@@ -52,7 +53,7 @@ class LastLayerEnsemble(torch.nn.Module):
 
 
 def train_last_layer(
-    model: torch.nn.Module,
+    model: PreTrainedModel,
     train_set: EncodedQuestions,
     eval_set: EncodedQuestions,
     label_ids: torch.Tensor,

@@ -19,6 +19,7 @@ from loraens.config import (
     LoRAConfig,
     ModelConfig,
     OptimConfig,
+    Precision,
     RuntimeConfig,
     TrainConfig,
 )
@@ -62,7 +63,7 @@ def evaluate(
     output: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Score a trained run's members and their ensemble on a task's eval split or a file.
 
@@ -93,7 +94,7 @@ def predict(
     output: str = "predictions.jsonl",
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Answer the questions of a file with a trained ensemble.
 
@@ -129,7 +130,7 @@ def few_shot(
     max_length: int = 512,
     output: str | None = None,
     device: str = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """The few-shot baseline: the base model with k demonstrations from the train split.
 
@@ -177,7 +178,7 @@ def ood(
     output: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: Precision = "auto",
 ) -> None:
     """Evaluate a trained ensemble on out-of-distribution questions and detect them.
 

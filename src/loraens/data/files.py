@@ -169,7 +169,7 @@ def _parse_answer(record: dict[str, Any], require_answer: bool) -> tuple[int | N
     choices = record.get("choices")
     # Invalid choices are reported on their own; the answer is then only checked for its form.
     valid_count = isinstance(choices, list) and MIN_CHOICES <= len(choices) <= MAX_CHOICES
-    n = len(choices) if valid_count else MAX_CHOICES
+    n = len(choices) if valid_count and isinstance(choices, list) else MAX_CHOICES
     expected = f"expected an index 0..{n - 1} or a letter {LETTERS[0]}..{LETTERS[n - 1]}"
     if answer is None:
         if require_answer:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from loraens.data.prompts import EncodedQuestions
@@ -53,7 +54,7 @@ def balanced(lengths: Sequence[int], n_bins: int) -> list[list[int]]:
 
 
 def plan_rows(
-    groups: Sequence[Sequence[int]], lengths: Sequence[int], row_tokens: int | None
+    groups: Sequence[Sequence[int] | np.ndarray], lengths: Sequence[int], row_tokens: int | None
 ) -> list[list[Row]]:
     """Rows for each group of questions (one group per member), the same number per group.
 
@@ -92,7 +93,7 @@ def rows_batch(
     Questions are listed in row order. ``answer_rows``/``answer_ends`` locate each question's
     last prompt token (``ends`` is one past it, like a length). ``position_ids`` is set when
     ``packed``: positions restart at 0 for every question and for the trailing padding, which
-    the decoder turns into a block-diagonal causal mask; otherwise it is None and rows use
+    the decoder turns into a block-diagonal causal mask; otherwise it is absent and rows use
     plain causal attention (trailing padding cannot influence earlier tokens).
     """
     loads = [sum(len(encoded.input_ids[i]) for i in row) for row in rows]
@@ -113,12 +114,14 @@ def rows_batch(
             answer_ends.append(start)
         if positions is not None:
             positions[r, start:] = torch.arange(width - start)
-    return {
+    batch = {
         "input_ids": input_ids,
-        "position_ids": positions,
         "indices": torch.tensor(indices, dtype=torch.long),
         "answer_rows": torch.tensor(answer_rows, dtype=torch.long),
         "answer_ends": torch.tensor(answer_ends, dtype=torch.long),
         "lengths": torch.tensor([len(encoded.input_ids[i]) for i in indices], dtype=torch.long),
         "labels": torch.tensor([encoded.labels[i] for i in indices], dtype=torch.long),
     }
+    if positions is not None:
+        batch["position_ids"] = positions
+    return batch

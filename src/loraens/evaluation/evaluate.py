@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from loraens.rundir.load import LoadedEnsemble
 
 def score_questions(
     loaded: LoadedEnsemble,
-    questions: list[Question],
+    questions: Sequence[Question],
     *,
     batch_size: int = 32,
     progress: bool = False,
@@ -88,4 +89,5 @@ def questions_for(task: str | None, file: str | None, require_answer: bool) -> l
         raise ValueError("Give exactly one of --task or --file.")
     if task is not None:
         return load_task(task)[1]
+    assert file is not None  # exactly one of the two, checked above
     return load_questions_file(file, require_answer=require_answer)

@@ -34,7 +34,7 @@ def score_members(
     mc_dropout_passes: int = 1,
     progress: bool = False,
     desc: str = "eval",
-    questions: Sequence[int] | None = None,
+    questions: Sequence[int] | np.ndarray | None = None,
 ) -> np.ndarray:
     """Log p_T (Eq. 1) of every member on every question: (members·passes, questions, options).
 
@@ -71,13 +71,13 @@ def score_members(
                     with ensemble.members(members):
                         hidden = batch_hidden_states(model, inputs, runtime.device)
                         logits = label_logits(model, hidden, label_ids[:n_labels])
-                    logits = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
+                    by_copy = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
                     scored = inputs["indices"][: len(batch)].numpy()  # row order of one copy
                     n_choices = np.asarray([encoded.n_choices[i] for i in scored])
                     first_row = members.start * passes
                     for offset in range(n_active):
                         out[first_row + offset, scored] = normalize_label_log_probs(
-                            logits[offset], n_choices
+                            by_copy[offset], n_choices
                         )
     finally:
         model.train(was_training)

@@ -214,4 +214,4 @@ def evaluate_run_ood(
         batch_size=batch_size,
         progress=progress,
     )
-    return RunOOD(ood_task or ood_file, metrics)
+    return RunOOD(str(ood_task or ood_file), metrics)

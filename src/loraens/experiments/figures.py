@@ -253,7 +253,7 @@ def confidence_figure(panels: Mapping[str, Sequence[ConfidenceSet]], footer: str
             if len(s.wrong_confidence):
                 ax.hist(
                     s.wrong_confidence,
-                    bins=bins,
+                    bins=list(bins),
                     density=True,
                     histtype="step",
                     color=s.color,

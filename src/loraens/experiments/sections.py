@@ -188,7 +188,7 @@ def _missing(*needs: tuple[str, object]) -> list[str]:
 def _reliability(rs: RunSet, task: str) -> Panel:
     ref = rs.reference(task)
     pool = _pool(ref.first if ref else None)
-    if pool is None:
+    if pool is None or ref is None:
         return Panel(
             missing=["an unregularised LoRA run (method lora, no dropout) with predictions.jsonl"]
         )
@@ -229,7 +229,7 @@ def _fig_1a(rs: RunSet, task: str) -> Panel:
     sets, panel = [], Panel()
     few = rs.few_shot_for(task)
     pool = _pool(few)
-    if pool is not None:
+    if pool is not None and few is not None:
         lp = pool.member_log_probs
         conf = np.concatenate([_wrong_confidence(d, pool.labels) for d in lp])
         # Headline numbers: the mean over draws, as the paper reports few-shot.
@@ -242,7 +242,7 @@ def _fig_1a(rs: RunSet, task: str) -> Panel:
         panel.missing.append("a few-shot run with predictions.jsonl")
     ref = rs.reference(task)
     pool = _pool(ref.first if ref else None)
-    if pool is not None:
+    if pool is not None and ref is not None:
         sets.append(_confidence_set("LoRA (M=1)", "#1f77b4", pool.member_log_probs[0], pool.labels))
         panel.runs.append(ref.first)
     else:
@@ -250,7 +250,7 @@ def _fig_1a(rs: RunSet, task: str) -> Panel:
     # The paper's regularised ensemble: weight decay on B if run, else KL.
     reg = _best_strength(rs, task, ref, "B-decay") or _best_strength(rs, task, ref, "KL")
     pool = _pool(reg.first if reg else None)
-    if pool is not None:
+    if pool is not None and reg is not None:
         sets.append(
             _confidence_set(
                 f"reg. LoRA ens. (M={pool.member_log_probs.shape[0]}, {reg.first.regulariser})",
@@ -329,7 +329,7 @@ def _early_stop_arrows(ref: Setting) -> list[Arrow]:
 def _fig_3(rs: RunSet, task: str) -> Panel:
     ref = rs.reference(task)
     lines = _series(ref, "eval", METRICS[:3], family_color("none")) if ref else []
-    if not lines:
+    if not lines or ref is None:
         return Panel(missing=["an unregularised LoRA run with per-epoch eval rows"])
     panel = Panel(lines, runs=list(ref.runs))
     best = _best_strength(rs, task, ref, "B-decay")

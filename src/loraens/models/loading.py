@@ -65,8 +65,9 @@ def default_model_dir() -> Path:
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=_GGUF_FILE, dtype=torch.float32)
     # The dequantised weights are plain fp32; without clearing the GGUF markers save_pretrained
     # refuses (or writes a config that asks to re-quantise on load).
-    model.hf_quantizer = None
-    model.is_quantized = False
+    # setattr: the attributes are plain ones that nn.Module's typing cannot see.
+    setattr(model, "hf_quantizer", None)  # noqa: B010
+    setattr(model, "is_quantized", False)  # noqa: B010
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     # The folder appears under its final name only once complete, so a killed conversion never
@@ -137,5 +138,5 @@ def load_base_model(
         raise ModelLoadError(f"{path} has no usable tokenizer: {err}") from err
     model.requires_grad_(False)
     model.eval()
-    model.to(device)
+    model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps .to oddly
     return BaseModel(model=model, tokenizer=tokenizer, path=path)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 
 def peft_member_state(stacked: dict[str, torch.Tensor], member: int) -> dict[str, torch.Tensor]:
@@ -68,7 +69,7 @@ class LoRAEnsemble(nn.Module):
 
     def __init__(
         self,
-        model: nn.Module,
+        model: PreTrainedModel,
         n_members: int,
         rank: int = 8,
         alpha: float = 32.0,

@@ -37,7 +37,7 @@ def save_member(
     state = peft_member_state(ensemble.stacked_adapters() if stacked is None else stacked, member)
     config = LoraConfig(
         r=ensemble.rank,
-        lora_alpha=ensemble.alpha,
+        lora_alpha=ensemble.alpha,  # type: ignore[arg-type]  # PEFT scales by any float alpha
         target_modules=list(ensemble.target_modules),
         lora_dropout=0.0,
         bias="none",
@@ -45,7 +45,7 @@ def save_member(
         base_model_name_or_path=base_model,
     )
     with atomic_path(folder) as tmp:
-        config.save_pretrained(tmp)
+        config.save_pretrained(str(tmp))
         save_file(state, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
 
 

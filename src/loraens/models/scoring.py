@@ -13,12 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedModel
 
 from loraens.data.packing import plan_rows, rows_batch
 
 
 def answer_hidden_states(
-    model: nn.Module,
+    model: PreTrainedModel,
     input_ids: torch.Tensor,
     lengths: torch.Tensor,
     position_ids: torch.Tensor | None = None,
@@ -38,9 +39,9 @@ def answer_hidden_states(
     return hidden[rows, lengths - 1]
 
 
-def batch_hidden_states(model: nn.Module, batch: dict, device: torch.device) -> torch.Tensor:
+def batch_hidden_states(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
     """:func:`answer_hidden_states` of a :func:`loraens.data.packing.rows_batch` batch."""
-    positions = batch["position_ids"]
+    positions = batch.get("position_ids")
     return answer_hidden_states(
         model,
         batch["input_ids"].to(device),
@@ -50,16 +51,18 @@ def batch_hidden_states(model: nn.Module, batch: dict, device: torch.device) -> 
     )
 
 
-def _head(model: nn.Module) -> nn.Linear:
+def _head(model: PreTrainedModel) -> nn.Linear:
     return model.get_output_embeddings()
 
 
-def vocab_log_probs(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def vocab_log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:
     """Log-softmax over the full vocabulary, in float32 whatever the compute dtype."""
     return F.log_softmax(_head(model)(hidden).float(), dim=-1)
 
 
-def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor) -> torch.Tensor:
+def label_logits(
+    model: PreTrainedModel, hidden: torch.Tensor, label_ids: torch.Tensor
+) -> torch.Tensor:
     """Logits of the answer-letter tokens only, (rows, n_labels), float32."""
     head = _head(model)
     logits = hidden @ head.weight[label_ids].T.to(hidden.dtype)
@@ -68,7 +71,7 @@ def label_logits(model: nn.Module, hidden: torch.Tensor, label_ids: torch.Tensor
     return logits.float()
 
 
-def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) -> torch.Tensor:
+def answer_features(model: PreTrainedModel, encoded, runtime, batch_size: int = 32) -> torch.Tensor:
     """Final hidden state at the answer position of every question, (N, hidden) float32.
 
     For quantities of the frozen model that never change during training (last-layer
@@ -79,7 +82,8 @@ def answer_features(model: nn.Module, encoded, runtime, batch_size: int = 32) ->
     features = torch.empty(len(encoded), model.config.hidden_size)
     with torch.inference_mode():
         for start in range(0, len(order), batch_size):
-            rows = plan_rows([order[start : start + batch_size]], lengths, runtime.row_tokens)[0]
+            batch = order[start : start + batch_size].tolist()
+            rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
             inputs = rows_batch(encoded, rows, 0, packed=runtime.packing)
             with runtime.autocast():
                 hidden = batch_hidden_states(model, inputs, runtime.device)

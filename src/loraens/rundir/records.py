@@ -43,7 +43,7 @@ def record_from_dict(cls: type[R], data: Any, source: str | Path) -> R:
         raise RecordError(f"{source}: expected a JSON object, got {type(data).__name__}.")
     hints = typing.get_type_hints(cls)
     values = {}
-    for f in fields(cls):
+    for f in fields(cls):  # type: ignore[arg-type]  # R is always a dataclass
         if f.name not in data:
             if f.default is MISSING and f.default_factory is MISSING:
                 raise RecordError(f"{source}: field {f.name!r} is missing.")

@@ -61,10 +61,10 @@ def resolve_budget(budget_gb: float | None, device: torch.device) -> float:
     if budget_gb is not None:
         return budget_gb * GB
     free = available_bytes(device)
-    if device.type == "cuda":
-        return CUDA_FRACTION * free
     if free is None:
         return CPU_CAP_GB * GB
+    if device.type == "cuda":
+        return CUDA_FRACTION * free
     return min(CPU_CAP_GB * GB, CPU_FRACTION * free)
 
 

@@ -153,6 +153,11 @@ class _ExtraSets:
     ood: EncodedQuestions
 
 
+def _batch_size(cfg: TrainConfig) -> int:
+    assert cfg.optim.batch_size is not None  # train_ensemble resolves the task default first
+    return cfg.optim.batch_size
+
+
 def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     run = RunDir(Path(out_dir))
     batch_size = cfg.optim.batch_size or default_batch_size(cfg.data)
@@ -334,7 +339,7 @@ def _build(s: _Setup) -> _Fit:
         s.label_ids,
         s.runtime,
         data_seeds=s.data_seeds[mine.start : mine.stop],
-        batch_size=cfg.optim.batch_size,
+        batch_size=_batch_size(cfg),
         schedule_seed=s.schedule,
         members_per_pass=cfg.runtime.members_per_pass,
         kl_beta=cfg.optim.kl_beta,
@@ -449,6 +454,7 @@ def _track_holdout(s: _Setup, holdout: EncodedQuestions, fit: _Fit, epoch: int) 
     """Early stopping: score the held-out share, keep the best epoch's adapters, and decide
     whether optim.patience epochs have passed without improvement."""
     state = fit.state
+    assert s.cfg.optim.patience is not None  # only called with early stopping on
     holdout_rows = metric_rows(
         fit.evaluate(holdout), np.asarray(holdout.labels), epoch=epoch + 1, split="holdout"
     )
@@ -558,7 +564,7 @@ def _train_last_layer(s: _Setup) -> TrainResult:
         n_members=cfg.ensemble.members,
         data_seeds=s.data_seeds,
         schedule_seed=s.schedule,
-        batch_size=cfg.optim.batch_size,
+        batch_size=_batch_size(cfg),
         lr=cfg.optim.lr,
         weight_decay=cfg.optim.weight_decay,
         epochs=cfg.optim.epochs,
