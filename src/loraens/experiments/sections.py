@@ -576,10 +576,10 @@ def _fig_8(rs: RunSet, task: str) -> Panel:
     if len(chosen) < 2:  # one target alone compares nothing
         return panel
     for family, name in DECAY_TARGETS:
-        if (s := chosen.get(family)) is not None:
-            panel.data += _series(s, "eval", DECAY_METRICS, family_color(family), name)
-            panel.runs += s.runs
-            panel.rows += _decay_rows(task, name, strength, s)
+        if (setting := chosen.get(family)) is not None:
+            panel.data += _series(setting, "eval", DECAY_METRICS, family_color(family), name)
+            panel.runs += setting.runs
+            panel.rows += _decay_rows(task, name, strength, setting)
     return panel
 
 
