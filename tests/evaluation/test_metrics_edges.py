@@ -67,21 +67,21 @@ def test_single_option_questions_are_allowed():
     ids=["no-questions", "no-options", "1-D"],
 )
 def test_log_probs_of_the_wrong_shape_are_rejected(bad, shape):
-    with pytest.raises(ValueError, match=r"log_probs must have shape \(N, K\).*got " + shape):
+    with pytest.raises(ValueError, match=r"^log_probs must have shape \(N, K\).*got " + shape):
         predictive_entropy(bad)
 
 
 def test_log_probs_with_nan_are_rejected():
-    with pytest.raises(ValueError, match="log_probs contains NaN"):
+    with pytest.raises(ValueError, match="^log_probs contains NaN"):
         nll([[math.nan, 0.0]], np.array([1]))
 
 
 def test_label_shape_message_names_the_number_of_questions():
     # N = 2 questions with K = 3 options: the expected shape is (N,) = (2,), not (K,).
     lp = log([[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]])
-    with pytest.raises(ValueError, match=r"labels must have shape \(2,\), got \(3,\)"):
+    with pytest.raises(ValueError, match=r"^labels must have shape \(2,\), got \(3,\)"):
         accuracy(lp, np.array([0, 1, 2]))
-    with pytest.raises(ValueError, match=r"labels must have shape \(2,\), got \(1, 2\)"):
+    with pytest.raises(ValueError, match=r"^labels must have shape \(2,\), got \(1, 2\)"):
         accuracy(lp, np.array([[0, 1]]))
 
 
@@ -122,11 +122,11 @@ def test_float32_member_log_probs_are_computed_in_float64():
 
 
 def test_member_log_probs_of_the_wrong_shape_are_rejected():
-    with pytest.raises(ValueError, match=r"member_log_probs must have shape \(M, N, K\)"):
+    with pytest.raises(ValueError, match=r"^member_log_probs must have shape \(M, N, K\)"):
         ensemble_log_probs(np.zeros((2, 3)))
-    with pytest.raises(ValueError, match=r"member_log_probs must have shape .*got \(2, 0, 3\)"):
+    with pytest.raises(ValueError, match=r"^member_log_probs must have shape .*got \(2, 0, 3\)"):
         ensemble_log_probs(np.zeros((2, 0, 3)))
-    with pytest.raises(ValueError, match="member_log_probs contains NaN"):
+    with pytest.raises(ValueError, match="^member_log_probs contains NaN"):
         mutual_information([[[0.0, math.nan]]])
 
 
@@ -162,7 +162,7 @@ def test_normalize_is_stable_for_huge_logits():
     ids=["no-questions", "no-options", "1-D"],
 )
 def test_normalize_rejects_label_logits_of_the_wrong_shape(bad, shape):
-    with pytest.raises(ValueError, match=r"label_logits must have shape \(N, K\).*got " + shape):
+    with pytest.raises(ValueError, match=r"^label_logits must have shape \(N, K\).*got " + shape):
         normalize_label_log_probs(bad, np.array([1, 1]))
 
 
@@ -177,15 +177,15 @@ def test_normalize_allows_one_option():
 def test_normalize_rejects_n_choices_that_are_not_integers_of_shape_n():
     # N = 2 questions, K = 3 columns: the message names (N,) = (2,).
     logits = np.zeros((2, 3))
-    with pytest.raises(ValueError, match=r"n_choices must be an integer array of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"^n_choices must be an integer array of shape \(2,\)"):
         normalize_label_log_probs(logits, np.array([2.0, 3.0]))
-    with pytest.raises(ValueError, match=r"n_choices must be an integer array of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"^n_choices must be an integer array of shape \(2,\)"):
         normalize_label_log_probs(logits, np.array([2, 3, 3]))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf], ids=["nan", "+inf"])
 def test_normalize_rejects_nan_or_inf_alone_in_a_real_option(bad):
-    with pytest.raises(ValueError, match=r"label_logits contains NaN or \+inf in a real option"):
+    with pytest.raises(ValueError, match=r"^label_logits contains NaN or \+inf in a real option"):
         normalize_label_log_probs([[0.0, bad, 1.0]], np.array([2]))
 
 
@@ -221,7 +221,7 @@ def test_one_bin_is_allowed():
 
 
 def test_zero_bins_are_rejected():
-    with pytest.raises(ValueError, match="n_bins must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="^n_bins must be >= 1, got 0"):
         reliability_bins(LOG_PROBS, LABELS, n_bins=0)
 
 
@@ -257,7 +257,7 @@ def test_auroc_with_one_score_on_either_side():
 
 
 def test_auroc_rejects_nan_scores():
-    with pytest.raises(ValueError, match="scores contain NaN"):
+    with pytest.raises(ValueError, match="^scores contain NaN"):
         auroc([0.1, math.nan], [0.3])
-    with pytest.raises(ValueError, match="scores contain NaN"):
+    with pytest.raises(ValueError, match="^scores contain NaN"):
         auroc([0.1], [math.nan])
