@@ -128,9 +128,9 @@ def test_normalize_hand_value():
 
 
 def test_normalize_rejects_bad_option_counts():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^n_choices must lie in \[1, 3\]"):
         normalize_label_log_probs(np.zeros((2, 3)), np.array([2, 4]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^n_choices must lie in \[1, 3\]"):
         normalize_label_log_probs(np.zeros((2, 3)), np.array([0, 2]))
 
 
@@ -162,11 +162,13 @@ def test_nll_of_zero_probability_label_is_inf_not_nan():
 
 
 def test_metrics_reject_bad_labels():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 4\)"):
         accuracy(LOG_PROBS, np.array([0, 0, 4, 0]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^labels must lie in \[0, 4\)"):
+        accuracy(LOG_PROBS, np.array([0, -1, 0, 0]))
+    with pytest.raises(ValueError, match=r"^labels must have shape \(4,\), got \(3,\)"):
         nll(LOG_PROBS, np.array([0, 0, 1]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="^labels must be integers, got dtype float64"):
         brier(LOG_PROBS, np.array([0.0, 0.0, 1.0, 0.0]))
 
 
@@ -260,5 +262,8 @@ def test_auroc_with_negative_max_prob_score():
 
 
 def test_auroc_rejects_empty_sets():
-    with pytest.raises(ValueError):
+    message = "^auroc needs at least one in-distribution and one OOD score$"
+    with pytest.raises(ValueError, match=message):
         auroc([], [0.5])
+    with pytest.raises(ValueError, match=message):
+        auroc([0.5], [])
