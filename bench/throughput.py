@@ -131,9 +131,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="auto, fp32, bf16, fp16, or several side by side (e.g. fp32,bf16), each against "
         "the same reference",
     )
-    p.add_argument(
-        "--packing", default="on", choices=["on", "off"], help="ours: runtime.packing"
-    )
+    p.add_argument("--packing", default="on", choices=["on", "off"], help="ours: runtime.packing")
     p.add_argument("--pack-tokens", type=int, default=256, help="ours: runtime.pack_tokens")
     p.add_argument(
         "--memory-budget-gb", type=float, default=None, help="ours: runtime.memory_budget_gb"
@@ -372,9 +370,7 @@ def rows_flops(
     """FLOPs of a pass of ``rows`` rows of ``width`` tokens (packed or padded: attention is
     computed over the whole row either way) holding ``questions`` answer positions."""
     columns = shape.vocab if head == "answer" else k
-    return rows * shape.decoder(width, width, training) + shape.head(
-        questions, columns, training
-    )
+    return rows * shape.decoder(width, width, training) + shape.head(questions, columns, training)
 
 
 def useful_flops(shape: ModelShape, lengths: list[int], members: int, training: bool, k: int):

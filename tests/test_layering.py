@@ -14,6 +14,7 @@ import loraens
 
 SRC = Path(loraens.__file__).parent
 
+
 def _module_name(path: Path, root: Path) -> str:
     parts = [root.name, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)

@@ -52,9 +52,7 @@ def test_brier_equals_sklearn_multiclass_brier_without_halving(case):
     # The multiclass Brier score: mean over questions of the sum over options of squared
     # errors, in [0, 2]; sklearn halves it only when asked (or for binary problems).
     lp, labels = case
-    expected = brier_score_loss(
-        labels, np.exp(lp), labels=list(range(K_MAX)), scale_by_half=False
-    )
+    expected = brier_score_loss(labels, np.exp(lp), labels=list(range(K_MAX)), scale_by_half=False)
     assert brier(lp, labels) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 

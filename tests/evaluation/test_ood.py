@@ -130,8 +130,7 @@ def test_evaluate_ood_scores_a_loaded_ensemble():
         roc_auc_score(is_ood, neg_max), abs=1e-12
     )
     members = [
-        roc_auc_score(is_ood, np.r_[-p_in[m].max(axis=1), -p_out[m].max(axis=1)])
-        for m in range(2)
+        roc_auc_score(is_ood, np.r_[-p_in[m].max(axis=1), -p_out[m].max(axis=1)]) for m in range(2)
     ]
     assert result["auroc"]["single (per member)"] == pytest.approx(members, abs=1e-12)
     ood_answers = np.array([q.answer for q in ood_qs])

@@ -166,9 +166,5 @@ def test_strong_b_decay_keeps_b_small(data):
         return sum(p.norm().item() for p in ensemble.lora_parameters("B"))
 
     free = train_tiny_ensemble(data, OptimConfig(lr=1e-2, weight_decay=0.0))
-    decayed = train_tiny_ensemble(
-        data, OptimConfig(lr=1e-2, weight_decay=50.0, decay_target="B")
-    )
+    decayed = train_tiny_ensemble(data, OptimConfig(lr=1e-2, weight_decay=50.0, decay_target="B"))
     assert b_norm(decayed) < 0.5 * b_norm(free)
-
-

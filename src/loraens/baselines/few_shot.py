@@ -342,9 +342,7 @@ def run_few_shot(
         batch_size=runtime.eval_batch_size,
         progress=runtime.progress,
     )
-    result = FewShotResult(
-        **summary, task=data.task, model=model, eval_questions=len(eval_qs)
-    )
+    result = FewShotResult(**summary, task=data.task, model=model, eval_questions=len(eval_qs))
     return FewShotScores(eval_qs, log_probs, result)
 
 

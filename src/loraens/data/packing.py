@@ -64,6 +64,7 @@ def plan_rows(
     spread over exactly R rows, keeping whichever of the two layouts has the shorter longest
     row. Rows are sorted longest first, so consecutive rows have similar lengths.
     """
+
     def load(row: Row) -> int:
         return sum(lengths[i] for i in row)
 

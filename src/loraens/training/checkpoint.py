@@ -118,9 +118,7 @@ def _read_checkpoint(folder: Path, ensemble: LoRAEnsemble, n_members: int) -> tu
     """(member-stacked tensors for all members, everything else) from a checkpoint folder."""
     state_file = folder / CHECKPOINT_STATE_FILE
     if not state_file.exists():
-        raise CheckpointError(
-            f"{folder} holds no checkpoint ({CHECKPOINT_STATE_FILE} missing)."
-        )
+        raise CheckpointError(f"{folder} holds no checkpoint ({CHECKPOINT_STATE_FILE} missing).")
     payload = json.loads(state_file.read_text())
     version = payload.pop("format_version", None)
     if version != FORMAT_VERSION:

@@ -36,8 +36,8 @@ CPU_FRACTION, CUDA_FRACTION = 0.25, 0.5
 def activation_bytes_per_token(config, autocast_dtype: torch.dtype | None) -> float:
     """Bytes kept for backward per token of a training pass, all layers (see module doc)."""
     h, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    per_layer = 18 * h + 6 * f if autocast_dtype in (torch.bfloat16, torch.float16) else (
-        28 * h + 12 * f
+    per_layer = (
+        18 * h + 6 * f if autocast_dtype in (torch.bfloat16, torch.float16) else (28 * h + 12 * f)
     )
     return config.num_hidden_layers * per_layer * OVERHEAD
 
