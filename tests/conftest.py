@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from helpers import make_questions, tiny_llama, tiny_tokenizer
 
 
@@ -26,3 +27,13 @@ def questions_files(tmp_path) -> tuple[Path, Path]:
     write_questions_jsonl(make_questions(24, seed=1), train)
     write_questions_jsonl(make_questions(12, seed=2), evaluation)
     return train, evaluation
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module whose checks compare kernels on differently shaped
+    batches: a fixed reduction order keeps float differences at the rounding level."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

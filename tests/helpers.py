@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import string
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -105,3 +106,9 @@ def train_tiny_ensemble(
     for epoch in range(epochs):
         trainer.train_epoch(epoch)
     return ensemble
+
+
+def log(p) -> np.ndarray:
+    """Elementwise log with log 0 = -inf (the padding convention), without a warning."""
+    with np.errstate(divide="ignore"):
+        return np.log(np.asarray(p, dtype=np.float64))

@@ -19,12 +19,7 @@ FP32 = Runtime(device=torch.device("cpu"), autocast_dtype=None, pack_tokens=200)
 UNPACKED = dataclasses.replace(FP32, packing=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @given(st.lists(st.integers(1, 80), min_size=1, max_size=40), st.integers(16, 120))

@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import log
 
 from loraens.evaluation.metrics import (
     accuracy,
@@ -21,13 +22,6 @@ from loraens.evaluation.metrics import (
     reliability_bins,
     summarize,
 )
-
-
-def log(p) -> np.ndarray:
-    """Elementwise log with log 0 = -inf (the padding convention), without a warning."""
-    with np.errstate(divide="ignore"):
-        return np.log(np.asarray(p, dtype=np.float64))
-
 
 # Four questions with 3, 2, 4 and 3 options (K_max = 4; 0.0 below marks padding):
 #

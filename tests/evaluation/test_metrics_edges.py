@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import log
 
 from loraens.evaluation.metrics import (
     accuracy,
@@ -21,13 +22,6 @@ from loraens.evaluation.metrics import (
     reliability_bins,
     summarize,
 )
-
-
-def log(p) -> np.ndarray:
-    """Elementwise log with log 0 = -inf (the padding convention), without a warning."""
-    with np.errstate(divide="ignore"):
-        return np.log(np.asarray(p, dtype=np.float64))
-
 
 # The four-question example of test_metrics.py (worked values there): confidences 0.70, 0.65,
 # 0.45, 0.68; argmax 0, 1, 3, 1; with these labels q0 and q2 are right, q1 and q3 wrong.

@@ -29,12 +29,7 @@ TINY_BUDGET = dataclasses.replace(UNBOUNDED, memory_budget_gb=1e-4)  # ~12 token
 BATCH = 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
