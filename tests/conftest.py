@@ -31,8 +31,8 @@ def questions_files(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread for a module whose checks compare kernels on differently shaped
-    batches: a fixed reduction order keeps float differences at the rounding level."""
+    """One intra-op thread, for modules that compare passes of different shapes (packed and
+    unpacked, split and whole) at tight tolerances."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
