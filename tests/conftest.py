@@ -31,8 +31,8 @@ def questions_files(tmp_path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One intra-op thread, for modules that compare passes of different shapes (packed and
-    unpacked, split and whole) at tight tolerances."""
+    """Tiny models are latency-bound: one thread is faster, and it avoids OpenMP barrier stalls
+    (hundreds of ms per op) when another process holds a core of a small machine."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

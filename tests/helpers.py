@@ -112,3 +112,12 @@ def log(p) -> np.ndarray:
     """Elementwise log with log 0 = -inf (the padding convention), without a warning."""
     with np.errstate(divide="ignore"):
         return np.log(np.asarray(p, dtype=np.float64))
+
+
+def randomize_b(ensemble: LoRAEnsemble, scale: float, seed: int = 0) -> None:
+    """Non-zero B for every member (normal draws times ``scale``), so members differ from the
+    base and from each other, and A gets a gradient."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in ensemble.lora_parameters("B"):
+            param.copy_(torch.randn(param.shape, generator=generator) * scale)

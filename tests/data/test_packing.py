@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 import torch
-from helpers import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, randomize_b, tiny_llama, tiny_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -74,10 +74,7 @@ def setup():
     assert len({len(ids) for ids in encoded.input_ids}) > 3
     ensemble = LoRAEnsemble(tiny_llama(len(tokenizer)), n_members=3)
     ensemble.init_members([1, 2, 3])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in ensemble.lora_parameters("B"):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    randomize_b(ensemble, scale=0.1)
     return ensemble, encoded, torch.tensor(label_token_ids(tokenizer, 5))
 
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from helpers import make_questions, tiny_llama, tiny_tokenizer
+from helpers import make_questions, randomize_b, tiny_llama, tiny_tokenizer
 from torch import nn
 
 from loraens.data.batching import collate
@@ -18,14 +18,7 @@ FP32 = Runtime(device=CPU, autocast_dtype=None)
 BF16 = Runtime(device=CPU, autocast_dtype=torch.bfloat16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models are latency-bound: one thread is faster, and it avoids OpenMP barrier stalls
-    (hundreds of ms per op) when another process holds a core of a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +27,7 @@ def setup(one_thread):
     tokenizer = tiny_tokenizer()
     ensemble = LoRAEnsemble(tiny_llama(len(tokenizer)), n_members=3)
     ensemble.init_members([1, 2, 3])
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in ensemble.lora_parameters("B"):
-            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    randomize_b(ensemble, scale=0.1)
     encoded = encode_questions(tokenizer, make_questions(10, seed=3), max_length=512)
     assert len({len(ids) for ids in encoded.input_ids}) > 3, "need prompts of different lengths"
     label_ids = torch.tensor(label_token_ids(tokenizer, 5))
