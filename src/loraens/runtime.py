@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import torch
 
+from loraens.config import RuntimeConfig
+
 
 @dataclass(frozen=True)
 class Runtime:
@@ -68,6 +70,18 @@ def resolve_runtime(
     if precision not in dtypes:
         raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}.")
     return Runtime(dev, dtypes[precision], packing, pack_tokens, memory_budget_gb)
+
+
+def runtime_from_config(config: RuntimeConfig, device: str | None = None) -> Runtime:
+    """:func:`resolve_runtime` with every option of ``config`` (``device`` overrides its
+    device: a distributed rank's own GPU)."""
+    return resolve_runtime(
+        device or config.device,
+        config.precision,
+        packing=config.packing,
+        pack_tokens=config.pack_tokens,
+        memory_budget_gb=config.memory_budget_gb,
+    )
 
 
 def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:

@@ -47,7 +47,7 @@ from loraens.evaluation.tables import METRICS
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.rundir import FewShotResult
-from loraens.runtime import Runtime, resolve_runtime
+from loraens.runtime import Runtime, runtime_from_config
 
 DEFAULT_K = 3
 DEFAULT_DRAWS = 10
@@ -327,7 +327,7 @@ def run_few_shot(
     gives the device, precision, eval batch size and progress bars.
     """
     train_qs, eval_qs = load_run_data(data)
-    resolved = resolve_runtime(runtime.device, runtime.precision)
+    resolved = runtime_from_config(runtime)
     base = load_base_model(model, device=resolved.device)
     log_probs, summary = few_shot_draws(
         base.model,

@@ -41,7 +41,7 @@ from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
 from loraens.rundir import RunDir, RunSummary
-from loraens.runtime import Runtime, resolve_runtime, resolve_weights_dtype
+from loraens.runtime import Runtime, resolve_weights_dtype, runtime_from_config
 from loraens.training.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -186,11 +186,7 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
 
 def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, BaseModel]:
     device = str(dist.device) if dist.active else cfg.runtime.device
-    rt = cfg.runtime
-    runtime = resolve_runtime(
-        device, rt.precision, packing=rt.packing, pack_tokens=rt.pack_tokens,
-        memory_budget_gb=rt.memory_budget_gb,
-    )  # fmt: skip
+    runtime = runtime_from_config(cfg.runtime, device)
     weights_dtype = resolve_weights_dtype(cfg.model.dtype, runtime)
     if dist.active:
         # The default model is converted on first use: once per node, not by every rank at once.
