@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 # A long gathering wait keeps a request pending for seconds: long enough to see it queued.
-FLAGS = ("--max_queue", "4", "--max_request_questions", "4", "--max_wait_ms", "5000")
+FLAGS = ("--max_queue", "4", "--max_request_questions", "4", "--max_wait_ms", "3000")
 QUESTION = {"question": "Which is red?", "choices": ["red", "blue", "green"]}
 
 
