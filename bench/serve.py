@@ -289,6 +289,8 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> dict:
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server subprocess is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     args = parse_args(argv)
     levels = [int(c) for c in args.clients.split(",")]
     modes = [m.strip() for m in args.modes.split(",")]

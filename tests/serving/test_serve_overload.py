@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import signal
 import threading
 import time
@@ -33,11 +35,16 @@ def _in_background(server, n_questions: int) -> tuple[threading.Thread, dict]:
     return thread, result
 
 
-def _wait_until_pending(server, n: int) -> None:
+def _wait_until_pending(server, n: int, below: bool = False) -> None:
+    """Wait until at least ``n`` questions are pending (``below``: at most ``n``)."""
+
+    def reached(pending: int) -> bool:
+        return pending <= n if below else pending >= n
+
     with server.client() as client:
         deadline = time.monotonic() + 60  # a readiness wait, not a timing assertion
-        while client.get("/health").json()["pending_questions"] < n:
-            assert time.monotonic() < deadline, "the request never reached the queue"
+        while not reached(client.get("/health").json()["pending_questions"]):
+            assert time.monotonic() < deadline, f"pending questions never reached {n}"
             time.sleep(0.02)
 
 
@@ -51,6 +58,28 @@ def test_a_full_queue_gets_503_with_retry_after_and_the_server_goes_on(server):
     thread.join(120)
     assert result["response"].status_code == 200
     assert len(result["response"].json()["answers"]) == 4
+
+
+def test_a_request_whose_client_left_is_dropped_before_its_pass(server):
+    with server.client() as client:
+        passes = client.get("/health").json()["passes"]
+
+    async def leave_early():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            task = asyncio.create_task(
+                client.post("/v1/predict", json={"questions": [QUESTION] * 3})
+            )
+            await asyncio.to_thread(_wait_until_pending, server, 3)
+            task.cancel()  # closes its connection while the request waits for its pass
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    asyncio.run(leave_early())
+    _wait_until_pending(server, 0, below=True)
+    with server.client() as client:
+        health = client.get("/health").json()
+        assert health["passes"] == passes  # no pass was spent on it
+        assert client.post("/v1/predict", json={"questions": [QUESTION]}).status_code == 200
 
 
 def test_sigterm_answers_the_request_in_flight_then_exits(server):

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request, Response
 
 from loraens.data.prompts import encode_text, format_prompt
 from loraens.data.records import Question
@@ -47,6 +47,13 @@ class ServeSettings:
     """No gathering and members one after another: the load test's baseline."""
     retry_after_s: int = 1
     """Retry-After of a 503."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has gone (its body is already read, so only a disconnect or the
+    end of the response can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _info(loaded: LoadedEnsemble, run: RunDir, settings: ServeSettings) -> Info:
@@ -90,7 +97,7 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
         yield
         # uvicorn calls this once in-flight requests are answered; finish anything still queued.
         await asyncio.to_thread(batcher.close)
-        log.info("batcher drained after %d passes", batcher.batches)
+        log.info("batcher drained after %d passes", batcher.passes)
 
     app = FastAPI(
         title="loraens",
@@ -129,12 +136,13 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
 
     @app.post(
         "/v1/predict",
+        response_model=PredictResponse,
         responses={
             413: {"description": "Too many questions, or a question too long."},
             503: {"description": "The queue is full or the server is stopping; see Retry-After."},
         },
     )
-    async def predict(request: PredictRequest) -> PredictResponse:
+    async def predict(request: PredictRequest, http_request: Request) -> PredictResponse | Response:
         """Answer one or more questions: the predicted option, the ensemble's and every
         member's probabilities, disagreement, entropy and mutual information."""
         questions = questions_of(request)
@@ -146,12 +154,21 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
                 detail=f"{err}; retry later.",
                 headers={"Retry-After": str(settings.retry_after_s)},
             ) from err
-        rows: list[dict[str, Any]] = await asyncio.wrap_future(future)
+        answered = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(_until_disconnected(http_request))
+        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not answered.done():
+            # The client gave up (e.g. its timeout): drop the request if its pass has not
+            # started, so that abandoned work cannot pile up behind an overloaded server.
+            answered.cancel()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        rows: list[dict[str, Any]] = answered.result()
         return PredictResponse(model=info.model, answers=[Answer(**row) for row in rows])
 
     @app.get("/health")
     async def health() -> Health:
-        return Health(status="ok", pending_questions=batcher.pending)
+        return Health(status="ok", pending_questions=batcher.pending, passes=batcher.passes)
 
     @app.get("/v1/info")
     async def get_info() -> Info:

@@ -70,7 +70,7 @@ class Batcher:
         self._closed = False
         self._lock = threading.Condition()
         self._thread = threading.Thread(target=self._run, name="loraens-batcher", daemon=True)
-        self.batches = 0  # passes run so far (for /health and tests)
+        self.passes = 0  # passes started so far (for /health and tests)
 
     @property
     def pending(self) -> int:
@@ -129,6 +129,8 @@ class Batcher:
             # A request whose client went away is dropped here, before any work is spent on it.
             live = [job for job in jobs if job.future.set_running_or_notify_cancel()]
             items = [item for job in live for item in job.items]
+            if items:
+                self.passes += 1
             try:
                 results = self._process(items) if items else []
                 if len(results) != len(items):
@@ -143,6 +145,5 @@ class Batcher:
                     job.future.set_result(results[start : start + len(job.items)])
                     start += len(job.items)
             finally:
-                self.batches += 1
                 with self._lock:
                     self._pending -= sum(len(job.items) for job in jobs)

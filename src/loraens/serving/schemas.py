@@ -83,7 +83,8 @@ class PredictResponse(BaseModel):
 
 class Health(BaseModel):
     status: str
-    pending_questions: int
+    pending_questions: int = Field(description="Questions queued or being computed.")
+    passes: int = Field(description="Batches computed since the server started.")
 
 
 class Info(BaseModel):
