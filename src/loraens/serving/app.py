@@ -62,7 +62,7 @@ def _info(loaded: LoadedEnsemble, run: RunDir, settings: ServeSettings) -> Info:
     dtype = loaded.runtime.autocast_dtype
     return Info(
         model=cfg.model.name_or_path,
-        run=str(run.root),
+        run=str(run.root.resolve()),
         method=cfg.ensemble.method,
         members=loaded.ensemble.n_members,
         max_length=loaded.max_length,
