@@ -20,6 +20,11 @@ def _version(package: str) -> str | None:
         return None
 
 
+def library_versions(packages: tuple[str, ...] = _PACKAGES) -> dict[str, str | None]:
+    """Installed versions of ``packages`` (None where one is missing)."""
+    return {name: _version(name) for name in packages}
+
+
 def model_hash(model_dir: Path) -> str:
     """SHA-256 over the folder's weight and config files, in name order."""
     digest = hashlib.sha256()
@@ -41,7 +46,7 @@ def provenance(model_dir: Path, train: list[Question], evaluation: list[Question
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "versions": {name: _version(name) for name in _PACKAGES},
+        "versions": library_versions(),
         "model_dir": str(model_dir),
         "model_sha256": model_hash(model_dir),
         "train_data_sha256": data_hash(train),

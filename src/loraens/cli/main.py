@@ -98,8 +98,9 @@ def predict(
 ) -> None:
     """Answer the questions of a file with a trained ensemble.
 
-    Writes one JSONL line per question: the predicted option (index and letter), the ensemble's
-    probability for it, the share of members that disagree with it, and every probability.
+    Writes one JSONL line per question: the predicted option (index, letter and text), the
+    ensemble's probability for it, the share of members that disagree with it, the entropy and
+    mutual information (nats), and every probability.
 
     Args:
         run: Run directory written by `loraens train`.
@@ -118,6 +119,65 @@ def predict(
     )
     unsure = sum(r["disagreement"] > 0 for r in rows)
     print(f"wrote {len(rows)} predictions to {output}; members disagree on {unsure} of them")
+
+
+def serve(
+    run: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 64,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 1024,
+    max_request_questions: int = 64,
+    max_question_chars: int = 20_000,
+    batch_size: int = 32,
+    naive: bool = False,
+    device: str = "auto",
+    precision: Precision = "auto",
+    access_log: bool = False,
+) -> None:
+    """Serve a trained ensemble over HTTP: POST /v1/predict, GET /v1/info, GET /health, and the
+    OpenAPI schema at /docs and /openapi.json (needs the `serve` extra: fastapi, uvicorn).
+
+    Concurrent requests are gathered into one stacked pass of all members. SIGTERM or Ctrl-C
+    stops accepting, answers the requests in flight, then exits.
+
+    Args:
+        run: Run directory written by `loraens train`.
+        host: Interface to listen on (0.0.0.0: every interface).
+        port: TCP port.
+        max_batch: Most questions gathered into one pass.
+        max_wait_ms: Longest a request waits for others to share its pass.
+        max_queue: Most questions pending (queued or computing); beyond it: 503 + Retry-After.
+        max_request_questions: Most questions in one request; beyond it: 413.
+        max_question_chars: Most characters in one question (text plus choices); beyond: 413.
+        batch_size: Questions per forward pass within a gathered batch.
+        naive: Baseline for the load test: no gathering, members one after another.
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        access_log: Log every request (uvicorn's access log).
+    """
+    try:
+        from loraens.serving.app import ServeSettings, run_server
+    except ImportError as err:
+        raise RuntimeError(
+            f"loraens serve needs the serve extra ({err.name} is missing): "
+            "pip install 'loraens[serve]'."
+        ) from err
+
+    settings = ServeSettings(
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        max_request_questions=max_request_questions,
+        max_question_chars=max_question_chars,
+        batch_size=batch_size,
+        naive=naive,
+    )
+    run_server(
+        run, settings, host=host, port=port, device=device, precision=precision,
+        access_log=access_log,
+    )  # fmt: skip
 
 
 def few_shot(
@@ -374,7 +434,18 @@ def main(argv: list[str] | None = None) -> None:
         argv.remove("--debug")
     logging.basicConfig(level=logging.INFO, format="loraens: %(message)s")
     try:
-        commands = [train, evaluate, predict, few_shot, ood, ablate_size, experiment, report, tasks]
+        commands = [
+            train,
+            evaluate,
+            predict,
+            serve,
+            few_shot,
+            ood,
+            ablate_size,
+            experiment,
+            report,
+            tasks,
+        ]
         CLI(commands, args=_repeated_only(_report_positionals(argv)), prog="loraens")
     except KeyboardInterrupt as interrupt:
         print(f"\n{interrupt or 'interrupted'}", file=sys.stderr)

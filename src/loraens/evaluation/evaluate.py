@@ -9,11 +9,11 @@ import numpy as np
 import torch
 
 from loraens.data.files import load_questions_file
-from loraens.data.prompts import LETTERS, encode_questions, label_token_ids
+from loraens.data.prompts import encode_questions, label_token_ids
 from loraens.data.records import Question
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
-from loraens.evaluation.predictions import probability_rows
+from loraens.evaluation.predictions import answer_rows
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
 from loraens.rundir.load import LoadedEnsemble
@@ -24,9 +24,13 @@ def score_questions(
     questions: Sequence[Question],
     *,
     batch_size: int = 32,
+    members_per_pass: int | None = None,
     progress: bool = False,
 ) -> np.ndarray:
-    """Every member's log p_T on ``questions``: (members, questions, max options)."""
+    """Every member's log p_T on ``questions``: (members, questions, max options).
+
+    ``members_per_pass`` (None: all members in one stacked pass) only changes how the work is
+    shaped, never the numbers beyond float tolerance."""
     tokenizer = loaded.base.tokenizer
     label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
     return score_members(
@@ -35,6 +39,7 @@ def score_questions(
         label_ids.to(loaded.runtime.device),
         loaded.runtime,
         batch_size=batch_size,
+        members_per_pass=members_per_pass,
         mc_dropout_passes=loaded.mc_dropout_passes,
         progress=progress,
     )
@@ -63,22 +68,9 @@ def predict_file(
     batch_size: int = 32,
     progress: bool = True,
 ) -> list[dict]:
-    """Write one JSONL line per question: answer letter, ensemble probability, disagreement."""
+    """Write one JSONL line per question (see :func:`answer_rows`)."""
     member_log_probs = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
-    rows = []
-    for row in probability_rows(questions, member_log_probs):
-        k = row["prediction"]
-        rows.append(
-            {
-                "id": row["id"],
-                "prediction": k,
-                "letter": LETTERS[k],
-                "probability": row["ensemble_probs"][k],
-                "disagreement": row["disagreement"],
-                "ensemble_probs": row["ensemble_probs"],
-                "member_probs": row["member_probs"],
-            }
-        )
+    rows = answer_rows(questions, member_log_probs)
     write_jsonl_atomic(output, rows)
     return rows
 

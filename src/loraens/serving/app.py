@@ -1,0 +1,202 @@
+"""The FastAPI application: /v1/predict, /v1/info, /health, and the server's life cycle."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request, Response
+
+from loraens.data.prompts import encode_text, format_prompt
+from loraens.data.records import Question
+from loraens.provenance import library_versions
+from loraens.rundir.layout import RunDir
+from loraens.rundir.load import LoadedEnsemble, load_run
+from loraens.serving.batcher import Batcher, Closed, QueueFull
+from loraens.serving.predictor import Predictor
+from loraens.serving.schemas import Answer, Health, Info, PredictRequest, PredictResponse
+
+log = logging.getLogger(__name__)
+
+_SERVER_PACKAGES = ("fastapi", "uvicorn", "pydantic")
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Batching and admission knobs of `loraens serve` (see docs/serving.md)."""
+
+    max_batch: int = 64
+    """Most questions gathered into one pass."""
+    max_wait_ms: float = 5.0
+    """Longest a request waits for others to share its pass."""
+    max_queue: int = 1024
+    """Most questions pending (queued or being computed); beyond it requests get 503."""
+    max_request_questions: int = 64
+    """Most questions in one request; beyond it 413."""
+    max_question_chars: int = 20_000
+    """Most characters in one question (text plus choices); beyond it 413."""
+    batch_size: int = 32
+    """Questions per forward pass within a gathered batch (as in `loraens predict`)."""
+    naive: bool = False
+    """No gathering and members one after another: the load test's baseline."""
+    retry_after_s: int = 1
+    """Retry-After of a 503."""
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return once the client has gone (its body is already read, so only a disconnect or the
+    end of the response can arrive)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _info(loaded: LoadedEnsemble, run: RunDir, settings: ServeSettings) -> Info:
+    cfg = run.read_config()
+    provenance = json.loads(run.provenance.read_text()) if run.provenance.is_file() else None
+    dtype = loaded.runtime.autocast_dtype
+    return Info(
+        model=cfg.model.name_or_path,
+        run=str(run.root.resolve()),
+        method=cfg.ensemble.method,
+        members=loaded.ensemble.n_members,
+        max_length=loaded.max_length,
+        device=str(loaded.runtime.device),
+        precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
+        batching=asdict(settings),
+        calibration=None,
+        versions={**library_versions(), **library_versions(_SERVER_PACKAGES)},
+        provenance=provenance,
+    )
+
+
+def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSettings) -> FastAPI:
+    """An app answering with ``loaded``; its batcher starts and drains with the app's life."""
+    run = RunDir(Path(run_dir))
+    info = _info(loaded, run, settings)
+    predictor = Predictor(
+        loaded, batch_size=settings.batch_size, members_per_pass=1 if settings.naive else None
+    )
+    batcher = Batcher(
+        predictor,
+        max_batch=settings.max_batch,
+        max_wait_s=settings.max_wait_ms / 1000,
+        max_pending=settings.max_queue,
+        gather=not settings.naive,
+    )
+    tokenizer = loaded.base.tokenizer
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        batcher.start()
+        yield
+        # uvicorn calls this once in-flight requests are answered; finish anything still queued.
+        await asyncio.to_thread(batcher.close)
+        log.info("batcher drained after %d passes", batcher.passes)
+
+    app = FastAPI(
+        title="loraens",
+        summary="A LoRA ensemble's answers to multiple-choice questions, with its uncertainty.",
+        version=info.versions.get("loraens") or "unknown",
+        lifespan=lifespan,
+    )
+
+    def too_large(detail: str) -> HTTPException:
+        return HTTPException(status_code=413, detail=detail)
+
+    def questions_of(request: PredictRequest) -> list[Question]:
+        if len(request.questions) > settings.max_request_questions:
+            raise too_large(
+                f"questions: {len(request.questions)} questions in one request, more than "
+                f"{settings.max_request_questions}; split the request."
+            )
+        questions = []
+        for i, q in enumerate(request.questions):
+            size = len(q.question) + sum(len(c) for c in q.choices)
+            if size > settings.max_question_chars:
+                raise too_large(
+                    f"questions.{i}: {size} characters, more than {settings.max_question_chars}."
+                )
+            # A long question text is shortened as in predict; choices that alone exceed the
+            # run's max_length cannot be scored at all.
+            bare = len(encode_text(tokenizer, format_prompt("…", q.choices)))
+            if bare > loaded.max_length:
+                raise too_large(
+                    f"questions.{i}.choices: the choices alone take {bare} tokens, more than the "
+                    f"run's max_length of {loaded.max_length}."
+                )
+            qid = str(i) if q.id is None else str(q.id)
+            questions.append(Question(qid, q.question, tuple(q.choices), None))
+        return questions
+
+    @app.post(
+        "/v1/predict",
+        response_model=PredictResponse,
+        responses={
+            413: {"description": "Too many questions, or a question too long."},
+            503: {"description": "The queue is full or the server is stopping; see Retry-After."},
+        },
+    )
+    async def predict(request: PredictRequest, http_request: Request) -> PredictResponse | Response:
+        """Answer one or more questions: the predicted option, the ensemble's and every
+        member's probabilities, disagreement, entropy and mutual information."""
+        questions = questions_of(request)
+        try:
+            future = batcher.submit(questions)
+        except (QueueFull, Closed) as err:
+            raise HTTPException(
+                status_code=503,
+                detail=f"{err}; retry later.",
+                headers={"Retry-After": str(settings.retry_after_s)},
+            ) from err
+        answered = asyncio.ensure_future(asyncio.wrap_future(future))
+        gone = asyncio.ensure_future(_until_disconnected(http_request))
+        await asyncio.wait({answered, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not answered.done():
+            # The client gave up (e.g. its timeout): drop the request if its pass has not
+            # started, so that abandoned work cannot pile up behind an overloaded server.
+            answered.cancel()
+            return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+        rows: list[dict[str, Any]] = answered.result()
+        return PredictResponse(model=info.model, answers=[Answer(**row) for row in rows])
+
+    @app.get("/health")
+    async def health() -> Health:
+        return Health(status="ok", pending_questions=batcher.pending, passes=batcher.passes)
+
+    @app.get("/v1/info")
+    async def get_info() -> Info:
+        """The model, its members, batching settings, library versions and the run's
+        provenance."""
+        return info
+
+    return app
+
+
+def run_server(
+    run_dir: str,
+    settings: ServeSettings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    device: str = "auto",
+    precision: str = "auto",
+    access_log: bool = False,
+) -> None:
+    """Load the run, then serve it until SIGTERM or Ctrl-C (in-flight requests finish first)."""
+    import uvicorn
+
+    loaded = load_run(run_dir, device, precision)
+    app = create_app(loaded, run_dir, settings)
+    mode = "naive (no batching, members one by one)" if settings.naive else "batched"
+    log.info(
+        "serving %s: %d members on %s, %s", run_dir, loaded.ensemble.n_members,
+        loaded.runtime.device, mode,
+    )  # fmt: skip
+    uvicorn.run(app, host=host, port=port, access_log=access_log, log_level="info")

@@ -1,0 +1,103 @@
+"""Request and response models of the HTTP API; FastAPI derives the OpenAPI schema from them."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from loraens.data.records import MAX_CHOICES, MIN_CHOICES
+
+
+def _not_blank(text: str) -> str:
+    if not text.strip():
+        raise ValueError("empty; expected a non-empty string")
+    return text
+
+
+# The same rules as a questions file (loraens.data.files), so predict and serve accept the same.
+Text = Annotated[str, AfterValidator(_not_blank)]
+
+
+class QuestionIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str | int | None = Field(
+        None, description="Echoed back; defaults to the question's position in the request."
+    )
+    question: Text = Field(description="The question text.")
+    choices: list[Text] = Field(
+        min_length=MIN_CHOICES,
+        max_length=MAX_CHOICES,
+        description=f"{MIN_CHOICES} to {MAX_CHOICES} answer options, labelled a, b, c, ...",
+    )
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "questions": [
+                        {
+                            "id": "q1",
+                            "question": "Which is red?",
+                            "choices": ["the sky", "a ripe tomato", "grass"],
+                        }
+                    ]
+                }
+            ]
+        },
+    )
+
+    questions: list[QuestionIn] = Field(min_length=1, description="One or more questions.")
+
+
+class Answer(BaseModel):
+    id: str
+    prediction: int = Field(description="Index of the predicted option (0-based).")
+    letter: str = Field(description="Letter of the predicted option (a, b, ...).")
+    text: str = Field(description="Text of the predicted option.")
+    probability: float = Field(description="The ensemble's probability of the predicted option.")
+    disagreement: float = Field(
+        description="Share of members whose top option differs from the ensemble's (0: unanimous)."
+    )
+    entropy: float = Field(description="Entropy of the ensemble's probabilities (nats).")
+    mutual_information: float = Field(
+        description="Epistemic uncertainty: entropy of the mean minus mean member entropy (nats)."
+    )
+    ensemble_probs: list[float] = Field(description="Mean of the members' probabilities.")
+    member_probs: list[list[float]] = Field(description="Every member's probabilities.")
+    # Filled only by a calibrated run (temperature scaling, abstention, conformal sets); absent
+    # otherwise, so clients can feature-test them.
+    calibrated_probs: list[float] | None = None
+    abstain: bool | None = None
+    prediction_set: list[int] | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    answers: list[Answer]
+
+
+class Health(BaseModel):
+    status: str
+    pending_questions: int = Field(description="Questions queued or being computed.")
+    passes: int = Field(description="Batches computed since the server started.")
+
+
+class Info(BaseModel):
+    model: str
+    run: str
+    method: str
+    members: int
+    max_length: int
+    device: str
+    precision: str
+    batching: dict[str, Any]
+    calibration: dict[str, Any] | None = None
+    versions: dict[str, str | None]
+    provenance: dict[str, Any] | None = Field(
+        None, description="The run's provenance.json (model and data hashes), when it has one."
+    )
