@@ -151,8 +151,11 @@ def test_every_finished_run_has_a_card(finished):
     assert provenance["train_data_sha256"] in card
     assert "arXiv:2310.00035" in card and "Aitchison" in card
     assert "One member alone is not the ensemble" in card
+    assert "| | accuracy | nll | ece | brier |" in card
     for row, values in summary["table"].items():
-        assert f"| {row} | " + " | ".join(f"{values[m]:.4f}" for m in values) in card
+        cells = " | ".join(f"{values[m]:.4f}" for m in ("accuracy", "nll", "ece", "brier"))
+        assert f"| {row} | {cells} |" in card
+        assert f"| {row} | {cells} |" in (out / "README.md").read_text()
     for m in range(MEMBERS):
         assert f"members/member-{m:02d}" in card
     exported_card = (out / "README.md").read_text()

@@ -13,7 +13,7 @@ import loraens.training.trainer as trainer_module
 from loraens.cli.main import main
 from loraens.data.files import write_questions_jsonl
 from loraens.rundir import read_jsonl
-from loraens.tracking import MissingExtraError, epoch_metrics, open_tracker
+from loraens.tracking import epoch_metrics, open_tracker
 
 EPOCHS = 3
 MEMBERS = 2
@@ -132,6 +132,7 @@ def test_mlflow_run_holds_metrics_params_and_files_once_across_a_resume(
         monkeypatch=monkeypatch,
     )
 
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # as any reader of a file store
     client = MlflowClient(tracking_uri=(out / "mlruns").resolve().as_uri())
     experiment = client.get_experiment_by_name("loraens")
     (run,) = client.search_runs([experiment.experiment_id])  # the resume continued the run

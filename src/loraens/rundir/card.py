@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 
 import yaml
 
@@ -31,8 +30,13 @@ BIBTEX = """@article{wang2023loraensembles,
 }"""
 
 
+# The table's column order (summary.json stores its keys sorted).
+_METRIC_ORDER = ("accuracy", "nll", "ece", "brier")
+
+
 def _table(table: Mapping[str, Mapping[str, float]]) -> str:
-    metrics = list(next(iter(table.values()), {}))
+    keys = list(next(iter(table.values()), {}))
+    metrics = [m for m in _METRIC_ORDER if m in keys] + [m for m in keys if m not in _METRIC_ORDER]
     lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
     for name, values in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |")
@@ -149,9 +153,10 @@ def render_card(
     kept = summary.epoch_kept or epochs
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()
     versions = provenance.get("versions")
-    made_with = (
-        ", ".join(f"{k} {v}" for k, v in versions.items() if v) if isinstance(versions, dict) else ""
-    )
+    made_with = ""
+    if isinstance(versions, dict):
+        made_with = ", ".join(f"{name} {v}" for name, v in versions.items() if v)
+    trained = f"trained in {summary.precision} on {summary.device}"
     return f"""---
 library_name: peft
 base_model: {base}
@@ -169,7 +174,7 @@ load every member (below).
 
 - `{base}`{f" (loaded from `{model_dir}`)" if model_dir and str(model_dir) != base else ""}
 - SHA-256 of its weight and config files: `{sha}`
-- weights in {summary.weights_dtype or "float32"}, trained in {summary.precision} on {summary.device}
+- weights in {summary.weights_dtype or "float32"}, {trained}
 
 ## Data
 

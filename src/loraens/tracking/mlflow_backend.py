@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -13,6 +14,14 @@ _BATCH = 1000  # MLflow's limit of metrics per log_batch call
 _PARAM_BATCH = 100  # and of parameters
 
 
+def allow_file_store(uri: str) -> None:
+    """MLflow >= 3.7 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is set: a file store
+    in the run directory is the local-first default, so opt in for ``file:`` URIs (a value the
+    user set, even 'false', is kept)."""
+    if uri.startswith("file:"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+
+
 class MlflowBackend:
     """One MLflow run in the experiment ``loraens``; ``run_id`` continues an existing run."""
 
@@ -22,6 +31,7 @@ class MlflowBackend:
         except ImportError as err:
             raise MissingExtraError("mlflow", "mlflow") from err
         self.tracking_uri = tracking_uri
+        allow_file_store(tracking_uri)
         self._client = MlflowClient(tracking_uri=tracking_uri)
         if run_id is None:
             experiment = self._client.get_experiment_by_name(EXPERIMENT)
