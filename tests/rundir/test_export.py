@@ -4,6 +4,7 @@ plain PEFT loads member by member and loraens loads as the ensemble."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -56,7 +57,7 @@ print(json.dumps(probs))
 
 
 @pytest.fixture(scope="module")
-def finished(tiny_model_dir, tmp_path_factory):
+def finished(tiny_model_dir, tmp_path_factory, one_thread):
     """A finished 3-member tiny run, its export, its eval questions and their file."""
     folder = tmp_path_factory.mktemp("export")
     train, evaluation = folder / "train.jsonl", folder / "eval.jsonl"
@@ -86,6 +87,7 @@ def test_plain_peft_loads_every_member_and_reproduces_the_ensemble(
         capture_output=True,
         text=True,
         check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # a tiny model: one thread is fastest
     )
     assert done.returncode == 0, done.stderr
     peft_probs = json.loads(done.stdout.splitlines()[-1])  # (M, N, K_i)

@@ -33,8 +33,10 @@ class TensorBoardBackend:
 
         # The session lives in the same event file as the scalars, so the HParams tab reads the
         # headline metrics from their own curves (add_hparams would start a separate run).
+        file_writer = self._writer.file_writer
+        assert file_writer is not None  # SummaryWriter's constructor opens it
         for summary in hparams(dict(params), {key: 0.0 for key in metric_keys}):
-            self._writer.file_writer.add_summary(summary)
+            file_writer.add_summary(summary)
         table = "\n".join(f"| {k} | {v} |" for k, v in params.items())
         self._writer.add_text("config", f"| key | value |\n|---|---|\n{table}", 0)
 
