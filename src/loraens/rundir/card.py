@@ -38,7 +38,8 @@ def _table(table: Mapping[str, Mapping[str, float]]) -> str:
     keys = list(next(iter(table.values()), {}))
     metrics = [m for m in _METRIC_ORDER if m in keys] + [m for m in keys if m not in _METRIC_ORDER]
     lines = ["| | " + " | ".join(metrics) + " |", "|---" * (len(metrics) + 1) + "|"]
-    for name, values in table.items():
+    # As loraens prints it: the single members first, then the ensemble.
+    for name, values in sorted(table.items(), key=lambda item: item[0].startswith("ensemble")):
         lines.append(f"| {name} | " + " | ".join(f"{values[m]:.4f}" for m in metrics) + " |")
     return "\n".join(lines)
 
@@ -151,6 +152,11 @@ def render_card(
     listing = "\n".join(f"| {i} | `{name}` | `{path}` |" for i, (name, path) in enumerate(adapters))
     epochs = summary.epochs_trained or optim.epochs
     kept = summary.epoch_kept or epochs
+    evaluate_on = f"--task {cfg.data.task}" if cfg.data.task else "--file eval.jsonl"
+    exported = any(path == "." for _, path in adapters)
+    export_line = (
+        "" if exported else f"loraens export {folder} FOLDER  # one folder of PEFT adapters\n"
+    )
     config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()
     versions = provenance.get("versions")
     made_with = ""
@@ -209,11 +215,10 @@ configuration (`config.yaml`):
 ### With loraens (the whole ensemble)
 
 ```bash
-pip install loraens
-loraens evaluate {folder} --task {cfg.data.task or "TASK"}   # or --file questions.jsonl
-loraens predict {folder} --file questions.jsonl --output predictions.jsonl
-loraens export {folder} EXPORT_DIR   # all members as named PEFT adapters in one folder
-```
+pip install "torch==2.13.0" loraens   # from the loraens checkout or its wheel
+loraens evaluate {folder} {evaluate_on}
+loraens predict {folder} questions.jsonl --output predictions.jsonl
+{export_line}```
 
 ```python
 from loraens.rundir.load import load_run
