@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Autocast dtype: 'auto' picks bf16 where the hardware supports it (fp16 on older GPUs)."""
@@ -13,7 +13,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 Logger = Literal["csv", "tensorboard", "mlflow"]
 """Where training curves go besides the run directory's own files (see loraens.tracking)."""
-LOGGERS: tuple[str, ...] = ("csv", "tensorboard", "mlflow")
+LOGGERS: tuple[str, ...] = get_args(Logger)
 
 
 def _require(condition: bool, message: str) -> None:
