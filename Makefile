@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup demo test bench lint
+.PHONY: setup demo test bench lint check-wheel
 
 setup:
 	@bash scripts/setup.sh
@@ -21,3 +21,7 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
+
+# The pip route in a fresh virtual environment: build, install with the pinned torch, run.
+check-wheel: setup
+	BUILD_PYTHON=$(BIN)/python bash scripts/check_wheel.sh

@@ -5,10 +5,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Autocast dtype: 'auto' picks bf16 where the hardware supports it (fp16 on older GPUs)."""
+
+
+Logger = Literal["csv", "tensorboard", "mlflow"]
+"""Where training curves go besides the run directory's own files (see loraens.tracking)."""
+LOGGERS: tuple[str, ...] = get_args(Logger)
 
 
 def _require(condition: bool, message: str) -> None:
@@ -227,6 +232,14 @@ class RuntimeConfig:
     """Distributed runs (torchrun): minutes a rank waits for the others at a collective before
     failing. Must exceed the slowest gap between collectives (loading the model, rank 0
     writing a checkpoint)."""
+    logger: Logger = "csv"
+    """Experiment tracker for per-epoch metrics, the config and the run's card: 'csv' (the run
+    directory's metrics.jsonl only), 'tensorboard' (event files in RUN/tensorboard, needs
+    `pip install loraens[tensorboard]`) or 'mlflow' (a file store in RUN/mlruns, needs
+    `pip install loraens[mlflow]`). Changing it on resume is allowed."""
+    tracking_uri: str | None = None
+    """Where the logger writes instead of its folder under the run directory: a TensorBoard
+    log folder, or an MLflow tracking URI (file:/path, http://host:5000, ...)."""
 
     def __post_init__(self):
         _require(
@@ -241,6 +254,15 @@ class RuntimeConfig:
         _require(self.eval_batch_size >= 1, "runtime.eval_batch_size must be >= 1")
         _require(self.eval_every >= 1, "runtime.eval_every must be >= 1")
         _require(self.dist_timeout > 0, "runtime.dist_timeout must be > 0 (minutes)")
+        _require(
+            self.logger in LOGGERS,
+            f"runtime.logger must be one of {', '.join(LOGGERS)}; got {self.logger!r}",
+        )
+        _require(
+            self.tracking_uri is None or self.logger != "csv",
+            "runtime.tracking_uri is used by the tensorboard and mlflow loggers; "
+            "set --runtime.logger too.",
+        )
 
 
 @dataclass

@@ -68,7 +68,7 @@ def evaluate(
     """Score a trained run's members and their ensemble on a task's eval split or a file.
 
     Args:
-        run: Run directory written by `loraens train`.
+        run: Run directory written by `loraens train`, or a folder from `loraens export`.
         task: Built-in task whose eval split to score (see `loraens tasks`).
         file: Your own labelled questions (JSONL, CSV or Parquet) instead of a task.
         output: Optional JSONL file for the metric rows (one per member and the ensemble).
@@ -103,7 +103,7 @@ def predict(
     mutual information (nats), and every probability.
 
     Args:
-        run: Run directory written by `loraens train`.
+        run: Run directory written by `loraens train`, or a folder from `loraens export`.
         file: Questions (JSONL, CSV or Parquet); `answer` may be absent.
         output: JSONL file to write.
         batch_size: Questions per pass.
@@ -248,7 +248,7 @@ def ood(
     numbers of options) and mutual information (epistemic uncertainty).
 
     Args:
-        run: Run directory written by `loraens train`.
+        run: Run directory written by `loraens train`, or a folder from `loraens export`.
         ood_task: OOD task; default: the paper's partner of the run's task (cqa -> mmlu,
             mmlu-ss -> mmlu-not-ss, mmlu-stem -> mmlu-not-stem).
         ood_file: Your own OOD questions instead of a task.
@@ -374,6 +374,24 @@ def report(
     print(f"wrote {write_report([Path(r) for r in runs], Path(out))}")
 
 
+def export(run: str, folder: str) -> None:
+    """Write a finished run's members as one folder of named PEFT adapters, with its card.
+
+    Usage: loraens export RUN FOLDER. The folder is laid out as PEFT's multi-adapter
+    save_pretrained writes one (member 0 as adapter 'default' at the root, member-01, ... in
+    subfolders), with README.md, config.yaml, summary.json, provenance.json and ensemble.json.
+    Every loraens command that takes a run (evaluate, predict, ood) takes the folder too.
+
+    Args:
+        run: Run directory written by `loraens train`.
+        folder: New (or empty) folder to write.
+    """
+    from loraens.rundir.export import export_run
+
+    out = export_run(run, folder)
+    print(f"exported {run} to {out} (load instructions in {out / 'README.md'})")
+
+
 def tasks() -> None:
     """List the built-in tasks: our train and eval sizes next to the paper's (Table 2)."""
     from loraens.data.tasks import TASKS
@@ -444,6 +462,7 @@ def main(argv: list[str] | None = None) -> None:
             ablate_size,
             experiment,
             report,
+            export,
             tasks,
         ]
         CLI(commands, args=_repeated_only(_report_positionals(argv)), prog="loraens")

@@ -10,10 +10,20 @@ summary.json             final single-vs-ensemble table, timings, throughput (:c
 few_shot.json            a few-shot cell's result, in place of summary.json (:class:`FewShotResult`)
 cell.json                which experiment cell a folder belongs to (:class:`CellRecord`)
 provenance.json          model and data fingerprints
+README.md                the run's model card (base model, data, members, results, how to load)
+tracking.json            what the tensorboard / mlflow logger has logged so far (epochs, run id)
+tensorboard/             TensorBoard event files (runtime.logger=tensorboard)
+mlruns/                  an MLflow file store (runtime.logger=mlflow)
+
+An exported ensemble (`loraens export`) is a folder read as a run too: its members are PEFT
+adapters laid out as PEFT's multi-adapter ``save_pretrained`` writes them (the adapter named
+``default`` at the root, every other one in a subfolder named after it), listed in order in
+ensemble.json beside the config, summary, provenance and card.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +51,14 @@ CELL_FILE = "cell.json"
 PROVENANCE_FILE = "provenance.json"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
+CARD_FILE = "README.md"
+TRACKING_STATE_FILE = "tracking.json"
+TENSORBOARD_DIR = "tensorboard"
+MLFLOW_DIR = "mlruns"
+MEMBERS_DIR = "members"
+EXPORT_MANIFEST_FILE = "ensemble.json"
+# PEFT's name for the adapter it saves at a folder's root.
+PEFT_DEFAULT_ADAPTER = "default"
 
 # Any of these makes a folder a run (its own subfolders, members/ and checkpoint/, never are).
 RUN_MARKERS = (CONFIG_FILE, FEW_SHOT_FILE, CELL_FILE)
@@ -91,11 +109,44 @@ class RunDir:
         """Present once an epoch's checkpoint is complete: the run can be resumed."""
         return self.checkpoint / CHECKPOINT_STATE_FILE
 
+    @property
+    def card(self) -> Path:
+        return self.root / CARD_FILE
+
+    @property
+    def tracking_state(self) -> Path:
+        return self.root / TRACKING_STATE_FILE
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / TENSORBOARD_DIR
+
+    @property
+    def mlruns(self) -> Path:
+        return self.root / MLFLOW_DIR
+
+    @property
+    def export_manifest(self) -> Path:
+        return self.root / EXPORT_MANIFEST_FILE
+
     def member(self, m: int) -> Path:
-        return self.root / "members" / f"member-{m:02d}"
+        return self.root / MEMBERS_DIR / f"member-{m:02d}"
 
     def member_folders(self) -> list[Path]:
-        return sorted(p for p in (self.root / "members").glob("member-*") if p.is_dir())
+        """Every member's adapter folder in member order, in a run or an exported ensemble."""
+        if self.export_manifest.is_file():
+            return [self.exported_adapter(name) for name in self.exported_adapter_names()]
+        return sorted(p for p in (self.root / MEMBERS_DIR).glob("member-*") if p.is_dir())
+
+    def exported_adapter_names(self) -> list[str]:
+        names = json.loads(self.export_manifest.read_text()).get("adapters")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{self.export_manifest} does not list the adapters' names.")
+        return names
+
+    def exported_adapter(self, name: str) -> Path:
+        """Where an exported ensemble keeps adapter ``name`` (PEFT's multi-adapter layout)."""
+        return self.root if name == PEFT_DEFAULT_ADAPTER else self.root / name
 
     def write_config(self, config: TrainConfig) -> None:
         write_text_atomic(self.config, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -41,7 +41,9 @@ from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
 from loraens.rundir import RunDir, RunSummary
+from loraens.rundir.card import write_card
 from loraens.runtime import Runtime, resolve_weights_dtype, runtime_from_config
+from loraens.tracking import RunTracker, open_tracker, run_files
 from loraens.training.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -65,6 +67,8 @@ _RESULT_NEUTRAL = {
     ("runtime", "pack_tokens"),
     ("runtime", "memory_budget_gb"),
     ("runtime", "dist_timeout"),
+    ("runtime", "logger"),
+    ("runtime", "tracking_uri"),
 }
 
 
@@ -142,6 +146,7 @@ class _Setup:
     started: float
     dist: Dist
     weights_dtype: torch.dtype
+    tracker: RunTracker  # rank 0's logger (tensorboard, mlflow); a no-op elsewhere and for csv
 
 
 @dataclass
@@ -179,9 +184,10 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             log.info("%s is already complete.", run.root)
             return TrainResult(run, summary.table, summary, dist.rank)
         setup, extra = _set_up(cfg, run, dist)
-        if cfg.ensemble.method == "last_layer":
-            return _train_last_layer(setup)
-        return _train_lora(setup, extra)
+        with setup.tracker:
+            if cfg.ensemble.method == "last_layer":
+                return _train_last_layer(setup)
+            return _train_lora(setup, extra)
 
 
 def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, BaseModel]:
@@ -221,6 +227,8 @@ def _encode_all(
 
 def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSets]:
     started = time.perf_counter()
+    # Before the model loads, so a logger whose package is missing fails at once.
+    tracker = open_tracker(cfg, run, enabled=dist.is_main)
     runtime, weights_dtype, base = _load_model(cfg, dist)
     train_qs, eval_qs = load_run_data(cfg.data)
     holdout_qs: list[Question] = []
@@ -250,6 +258,7 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSe
         started=started,
         dist=dist,
         weights_dtype=weights_dtype,
+        tracker=tracker,
     )
     return setup, _ExtraSets(holdout=holdout_set, ood=ood_set)
 
@@ -395,6 +404,7 @@ def _fit_epochs(s: _Setup, extra: _ExtraSets, fit: _Fit) -> np.ndarray | None:
         if cfg.optim.patience is not None:
             _track_holdout(s, extra.holdout, fit, epoch)
         _save_checkpoint(s, fit)
+        s.tracker.log_epochs(fit.state.rows)  # after the checkpoint: a resume never relogs it
         if fit.state.stopped_early:
             log.info(
                 "Held-out NLL has not improved for %d epochs: stopping after epoch "
@@ -522,6 +532,9 @@ def _finish(s: _Setup, state: TrainState, member_log_probs: np.ndarray) -> Train
 
     def write() -> None:
         write_predictions(run.predictions, s.eval_qs, member_log_probs)
+        card = write_card(run, s.cfg, summary)
+        s.tracker.log_epochs(state.rows)  # epochs a resume found checkpointed but not logged
+        s.tracker.log_finish(table, summary.epoch_kept or state.epochs_done, card, run_files(run))
         run.write_summary(summary)  # written last: its presence marks the run complete
 
     dist.on_main(write)
@@ -548,6 +561,7 @@ def _train_last_layer(s: _Setup) -> TrainResult:
         state.rows += metric_rows(member_log_probs, labels, epoch=epoch + 1, split="eval")
         write_jsonl_atomic(run.metrics, state.rows)
         run.write_eval_log_probs(epoch + 1, member_log_probs, labels)
+        s.tracker.log_epochs(state.rows)
         final["log_probs"] = member_log_probs
 
     tick = time.perf_counter()
