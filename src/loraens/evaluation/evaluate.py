@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraens.config import ModelConfig
 from loraens.data.files import load_questions_file
-from loraens.data.prompts import LETTERS, encode_questions, label_token_ids
+from loraens.data.prompts import LETTERS, encode_questions, scoring_label_ids
 from loraens.data.records import Question
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
@@ -28,10 +29,16 @@ def score_questions(
 ) -> np.ndarray:
     """Every member's log p_T on ``questions``: (members, questions, max options)."""
     tokenizer = loaded.base.tokenizer
-    label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
+    model = loaded.model_config or ModelConfig()
+    n_letters = max(len(q.choices) for q in questions)
+    label_ids = torch.tensor(
+        scoring_label_ids(tokenizer, n_letters, model.scoring), dtype=torch.long
+    )
     return score_members(
         loaded.ensemble,
-        encode_questions(tokenizer, list(questions), loaded.max_length),
+        encode_questions(
+            tokenizer, list(questions), loaded.max_length, model.scoring, model.normalization
+        ),
         label_ids.to(loaded.runtime.device),
         loaded.runtime,
         batch_size=batch_size,
