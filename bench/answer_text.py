@@ -99,7 +99,7 @@ def cache_scores(ensemble: LoRAEnsemble, encoded, batch: list[int], n_members: i
     opt_pos = prompt_len[:, None] + torch.arange(l_max)[None, :]
     full_mask = torch.cat([mask.repeat_interleave(k_max, 0), opt_mask], dim=1)
     hidden = decoder(
-        input_ids=opt_ids, attention_mask=full_mask, position_ids=opt_pos, past_key_values=cache
+        input_ids=opt_ids, attention_mask=full_mask, position_ids=opt_pos, cache=cache
     ).last_hidden_state
     first = out.last_hidden_state[:, -1].repeat_interleave(k_max, 0)
     states = torch.cat([first[:, None], hidden[:, :-1]], dim=1)[opt_mask.bool()]

@@ -44,7 +44,7 @@ class ModelConfig:
     per question). answer_text: lm-evaluation-harness's ranked classification, each option is the
     log-likelihood of ' {option text}' after 'Question: {question}\nAnswer:' (the prompt lists no
     choices); p_T is the softmax over the K option scores. Small models answer far better by
-    text (SmolLM2-135M, ARC-Easy zero-shot: 0.19 by letter, 0.5 by text)."""
+    text (SmolLM2-135M, 200 ARC-Easy questions zero-shot: 0.23 by letter, 0.52 by text)."""
     normalization: Normalization = "none"
     """answer_text only: an option's score is its summed token log-likelihood (none), divided by
     its token count (per_token) or by its text's character count (per_char, lm-eval's acc_norm)."""
