@@ -9,6 +9,13 @@ from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Autocast dtype: 'auto' picks bf16 where the hardware supports it (fp16 on older GPUs)."""
+Scoring = Literal["letter", "answer_text"]
+"""How an option is scored: its letter after the paper's ``A: (`` cue, or its own text's
+log-likelihood after ``Question: …\nAnswer:`` (see loraens.data.prompts)."""
+Normalization = Literal["none", "per_token", "per_char"]
+"""answer_text only: an option's log-likelihood as is, per token, or per character."""
+OptionLoss = Literal["token_nll", "option_nll"]
+"""answer_text only: the training loss (see OptimConfig.loss)."""
 
 
 Logger = Literal["csv", "tensorboard", "mlflow"]
@@ -37,9 +44,23 @@ class ModelConfig:
     """Dtype of the frozen base weights in memory: auto is bf16 when the run computes in bf16 on
     a GPU (half the memory of fp32), fp32 otherwise. LoRA weights, AdamW states, loss and
     metrics stay float32 whatever this is."""
+    scoring: Scoring = "letter"
+    """letter: the paper's, each option is the answer letter's logit after 'A: (' (one position
+    per question). answer_text: lm-evaluation-harness's ranked classification, each option is the
+    log-likelihood of ' {option text}' after 'Question: {question}\nAnswer:' (the prompt lists no
+    choices); p_T is the softmax over the K option scores. Small models answer far better by
+    text (SmolLM2-135M, 200 ARC-Easy questions zero-shot: 0.23 by letter, 0.52 by text)."""
+    normalization: Normalization = "none"
+    """answer_text only: an option's score is its summed token log-likelihood (none), divided by
+    its token count (per_token) or by its text's character count (per_char, lm-eval's acc_norm)."""
 
     def __post_init__(self):
         _require(self.max_length >= 16, f"model.max_length must be >= 16, got {self.max_length}")
+        _require(
+            self.scoring == "answer_text" or self.normalization == "none",
+            f"model.normalization={self.normalization} applies to model.scoring=answer_text only "
+            f"(letter scoring reads one token per option).",
+        )
 
 
 @dataclass
@@ -137,7 +158,14 @@ class OptimConfig:
     kl_beta: float = 0.0
     """β of the KL(p_fine-tuned || p_base) penalty at the answer position (paper: 0.01, 0.05,
     0.1); 0 turns it off. p_base comes from a second, gradient-free forward of each step's
-    batch with the adapters off, so β·KL is exactly 0 while ΔW = 0."""
+    batch with the adapters off, so β·KL is exactly 0 while ΔW = 0. With
+    model.scoring=answer_text: the mean KL over the positions the loss reads (every token of the
+    correct option for token_nll, of every option for option_nll)."""
+    loss: OptionLoss = "token_nll"
+    """model.scoring=answer_text only. token_nll (Eq. 3's analogue): the full-vocabulary NLL of
+    the correct option's tokens, normalised as model.normalization (none: summed, per_token:
+    mean, per_char: per character). option_nll: the K-way cross-entropy of p_T, the softmax over
+    the option scores."""
 
     def __post_init__(self):
         _require(self.lr > 0, f"optim.lr must be > 0, got {self.lr}")
@@ -281,6 +309,18 @@ class TrainConfig:
             self.ensemble.method != "mc_dropout" or self.lora.dropout > 0,
             "ensemble.method=mc_dropout needs lora.dropout > 0 (the paper's MC dropout samples "
             "dropout masks on the adapter input; e.g. --lora.dropout 0.1).",
+        )
+        _require(
+            self.ensemble.method != "last_layer" or self.model.scoring == "letter",
+            "ensemble.method=last_layer needs model.scoring=letter: it fine-tunes the LM-head rows "
+            "of the K answer letters, which answer_text scoring never reads (an option's score is "
+            "the log-likelihood of its own tokens over the whole vocabulary, so there is no small "
+            "set of head rows to train).",
+        )
+        _require(
+            self.optim.loss == "token_nll" or self.model.scoring == "answer_text",
+            "optim.loss=option_nll needs model.scoring=answer_text (letter scoring trains the "
+            "answer letter's full-vocabulary NLL, Eq. 3).",
         )
 
     def to_dict(self) -> dict:

@@ -155,3 +155,35 @@ def test_evaluate_few_shot_reports_each_draw_and_their_mean_and_std(splits, tiny
     # Different demonstrations change the base model's answers, so the draws disagree.
     assert result["std"]["nll"] > 0
     assert all(row["n_fewer_demos"] == 0 for row in result["per_draw"])
+
+
+def test_answer_text_few_shot_shows_solved_examples_and_scores_option_texts(splits, tiny):
+    model, tokenizer = tiny
+    train, evaluation = splits
+    prompts = few_shot_prompts(train, evaluation[:3], k=2, seed=0, draw=0)
+    p = prompts[0]
+    d0, d1 = p.demonstrations
+    expected = "".join(
+        f"Question: {d.question}\nAnswer: {d.choices[d.answer]}\n\n" for d in (d0, d1)
+    )
+    assert p.text(scoring="answer_text") == expected + f"Question: {p.question.question}\nAnswer:"
+    log_probs, encoding = score_few_shot(
+        model, tokenizer, prompts, FP32, scoring="answer_text", normalization="per_token"
+    )
+    # Independent: each option scored alone after the few-shot text by a plain forward.
+    for i, prompt in enumerate(prompts):
+        text = prompt.text(scoring="answer_text")
+        context = tokenizer(text)["input_ids"]
+        scores = []
+        for choice in prompt.question.choices:
+            ids = tokenizer(text + " " + choice)["input_ids"]
+            with torch.no_grad():
+                lp = torch.log_softmax(model(torch.tensor([ids])).logits[0].double(), -1)
+            option = range(len(context), len(ids))
+            scores.append(sum(lp[t - 1, ids[t]].item() for t in option) / len(option))
+        scores = np.asarray(scores)
+        k = len(scores)
+        np.testing.assert_allclose(
+            log_probs[i, :k], scores - np.logaddexp.reduce(scores), rtol=1e-4, atol=1e-5
+        )
+    assert encoding.n_fewer_demos == 0

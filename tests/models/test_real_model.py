@@ -7,10 +7,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from loraens.baselines.few_shot import base_model_as_ensemble
 from loraens.config import OptimConfig
 from loraens.data.prompts import encode_questions, format_prompt, label_token_ids
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
+from loraens.evaluation.metrics import accuracy
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
@@ -70,3 +72,17 @@ def test_ensemble_scores_and_trains_on_real_questions(base):
     assert np.isfinite(losses).all() and (losses > 0).all()
     after = score_members(ensemble, eval_set, label_ids, FP32)
     assert not np.allclose(after[0], after[1])  # members moved apart
+
+
+def test_zero_shot_arc_easy_by_answer_text_beats_chance():
+    # A model of its own: the test above wraps the shared one's projections in place.
+    base = load_base_model()
+    questions = load_task("arce")[1][:40]
+    labels = np.asarray([q.answer for q in questions])
+    encoded = encode_questions(base.tokenizer, questions, 512, "answer_text", "per_token")
+    with base_model_as_ensemble(base.model) as ensemble:
+        log_p = score_members(ensemble, encoded, torch.tensor([]), FP32)[0]
+    chance = np.mean([1 / len(q.choices) for q in questions])
+    assert np.isclose(np.exp(log_p).sum(-1), 1.0).all()
+    # Measured 0.5 on 200 questions; by letter the model stays near chance (0.2).
+    assert accuracy(log_p, labels) >= chance + 0.15

@@ -16,6 +16,18 @@ answer letter, ``)`` and :data:`DEMO_SEPARATOR`::
     A: (
 
 The model then reads the answer letter at the final cue exactly as for the fine-tuned members.
+
+With answer-text scoring (``scoring="answer_text"``) every demonstration is the answer-text
+prompt followed by its correct option's text (lm-eval's few-shot layout, ``"\n\n"`` between
+examples)::
+
+    Question: {demo question}
+    Answer: {correct option text}
+
+    Question: {eval question}
+    Answer:
+
+and the eval question's options are scored after the final cue as in zero-shot.
 The paper reports metrics averaged over 10 random draws of the demonstrations; draw ``d`` uses a
 generator keyed by ``(seed, d)`` so any draw can be rebuilt on its own.
 """
@@ -30,14 +42,19 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from loraens.config import DataConfig, RuntimeConfig
+from loraens.config import DataConfig, Normalization, RuntimeConfig, Scoring
 from loraens.data.prompts import (
     LETTERS,
+    AnswerOptions,
     EncodedQuestions,
     encode_prompt,
     encode_text,
+    encode_text_question,
+    encode_with_options,
     format_prompt,
-    label_token_ids,
+    format_text_prompt,
+    option_continuation,
+    scoring_label_ids,
 )
 from loraens.data.records import Question
 from loraens.data.sources import load_run_data
@@ -58,10 +75,17 @@ ANSWER_CLOSE = ")"
 DEMO_SEPARATOR = "\n\n"
 
 
-def demonstration_text(q: Question) -> str:
-    """One solved example: the paper prompt, the answer letter, ``)`` and the separator."""
+def demonstration_text(q: Question, scoring: Scoring = "letter") -> str:
+    """One solved example: the paper prompt, the answer letter, ``)`` and the separator (letter
+    scoring), or the answer-text prompt, the correct option's text and the separator."""
     if q.answer is None:
         raise ValueError(f"Demonstration {q.id!r} has no answer; few-shot needs labelled train.")
+    if scoring == "answer_text":
+        return (
+            format_text_prompt(q.question)
+            + option_continuation(q.choices[q.answer])
+            + DEMO_SEPARATOR
+        )
     return format_prompt(q.question, q.choices) + LETTERS[q.answer] + ANSWER_CLOSE + DEMO_SEPARATOR
 
 
@@ -72,12 +96,17 @@ class FewShotPrompt:
     question: Question
     demonstrations: tuple[Question, ...]
 
-    def text(self, n_demos: int | None = None) -> str:
-        """The full prompt string, with the last ``n_demos`` demonstrations (default: all)."""
+    def text(self, n_demos: int | None = None, scoring: Scoring = "letter") -> str:
+        """The full prompt string, with the last ``n_demos`` demonstrations (default: all); for
+        answer-text scoring it ends at the cue, the options are appended when encoding."""
         demos = self.demonstrations if n_demos is None else self._last(n_demos)
-        return "".join(demonstration_text(d) for d in demos) + format_prompt(
-            self.question.question, self.question.choices
+        q = self.question
+        own = (
+            format_text_prompt(q.question)
+            if scoring == "answer_text"
+            else format_prompt(q.question, q.choices)
         )
+        return "".join(demonstration_text(d, scoring) for d in demos) + own
 
     def _last(self, n_demos: int) -> tuple[Question, ...]:
         # Keep the demonstrations nearest the question: dropping from the front leaves the
@@ -145,7 +174,11 @@ class FewShotEncoding:
 
 
 def encode_few_shot(
-    tokenizer, prompts: Sequence[FewShotPrompt], max_length: int
+    tokenizer,
+    prompts: Sequence[FewShotPrompt],
+    max_length: int,
+    scoring: Scoring = "letter",
+    normalization: Normalization = "none",
 ) -> FewShotEncoding:
     """Tokenise few-shot prompts; too long ones lose demonstrations, never their own question.
 
@@ -153,29 +186,46 @@ def encode_few_shot(
     exceeds ``max_length`` the demonstration farthest from the question is dropped, then the
     next, until it fits. With none left the prompt is the plain zero-shot one, shortened by
     :func:`loraens.data.prompts.encode_prompt` if even that is too long (its choices and cue
-    are never cut).
+    are never cut). With answer-text scoring ``max_length`` bounds the prompt with every
+    option, as in :func:`loraens.data.prompts.encode_text_question`.
     """
     if not prompts:
         raise ValueError("No prompts to encode.")
-    input_ids, n_demos, shortened = [], [], 0
+    text_mode = scoring == "answer_text"
+    input_ids, n_demos, shortened, lengths = [], [], 0, []
     for prompt in prompts:
-        ids = None
+        q = prompt.question
+        ids, option_lengths = None, []
         for n in range(len(prompt.demonstrations), 0, -1):
-            trial = encode_text(tokenizer, prompt.text(n))
+            if text_mode:
+                trial, trial_lengths = encode_with_options(
+                    tokenizer, prompt.text(n, scoring), q.choices
+                )
+            else:
+                trial, trial_lengths = encode_text(tokenizer, prompt.text(n)), []
             if len(trial) <= max_length:
-                ids, kept = trial, n
+                ids, option_lengths, kept = trial, trial_lengths, n
                 break
         if ids is None:
-            ids, was_shortened = encode_prompt(tokenizer, prompt.question, max_length)
+            if text_mode:
+                ids, option_lengths, was_shortened = encode_text_question(tokenizer, q, max_length)
+            else:
+                ids, was_shortened = encode_prompt(tokenizer, q, max_length)
             kept, shortened = 0, shortened + was_shortened
         input_ids.append(ids)
+        lengths.append(option_lengths)
         n_demos.append(kept)
     questions = [p.question for p in prompts]
+    options = None
+    if text_mode:
+        chars = [[len(c) for c in q.choices] for q in questions]
+        options = AnswerOptions(lengths, chars, normalization)
     encoded = EncodedQuestions(
         input_ids=input_ids,
         n_choices=[len(q.choices) for q in questions],
         labels=[-1 if q.answer is None else q.answer for q in questions],
         n_shortened=shortened,
+        options=options,
     )
     return FewShotEncoding(encoded, n_demos, k=max(len(p.demonstrations) for p in prompts))
 
@@ -216,11 +266,14 @@ def score_few_shot(
     batch_size: int = 32,
     progress: bool = False,
     desc: str = "few-shot",
+    scoring: Scoring = "letter",
+    normalization: Normalization = "none",
 ) -> tuple[np.ndarray, FewShotEncoding]:
     """The base model's log p_T on each few-shot prompt, shape (N, K_max), and its encoding."""
     questions = [p.question for p in prompts]
-    label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
-    encoding = encode_few_shot(tokenizer, prompts, max_length)
+    n_letters = max(len(q.choices) for q in questions)
+    label_ids = torch.tensor(scoring_label_ids(tokenizer, n_letters, scoring), dtype=torch.long)
+    encoding = encode_few_shot(tokenizer, prompts, max_length, scoring, normalization)
     with base_model_as_ensemble(model) as ensemble:
         log_probs = score_members(
             ensemble,
@@ -247,6 +300,8 @@ def few_shot_draws(
     max_length: int = 512,
     batch_size: int = 32,
     progress: bool = False,
+    scoring: Scoring = "letter",
+    normalization: Normalization = "none",
 ) -> tuple[np.ndarray, dict]:
     """The few-shot baseline: log p_T of the base model for each demonstration draw, shape
     (draws, N, K_max), and the metrics of each draw with their mean and std.
@@ -255,7 +310,8 @@ def few_shot_draws(
     Each per-draw row holds accuracy, nll, ece, brier, ``n_fewer_demos`` (prompts that dropped
     demonstrations to fit ``max_length``) and ``n_shortened`` (zero-shot prompts whose question
     text was shortened). ``std`` is the population std over draws (as in the report tables).
-    ``runtime`` defaults to fp32 on the model's device.
+    ``runtime`` defaults to fp32 on the model's device; ``scoring`` and ``normalization`` as
+    model.scoring and model.normalization (see :mod:`loraens.data.prompts`).
     """
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
@@ -278,6 +334,8 @@ def few_shot_draws(
             batch_size=batch_size,
             progress=progress,
             desc=f"few-shot draw {draw + 1}/{draws}",
+            scoring=scoring,
+            normalization=normalization,
         )
         all_log_probs.append(log_probs)
         per_draw.append(
@@ -319,6 +377,8 @@ def run_few_shot(
     draws: int = DEFAULT_DRAWS,
     seed: int = 0,
     max_length: int = 512,
+    scoring: Scoring = "letter",
+    normalization: Normalization = "none",
 ) -> FewShotScores:
     """Load the base ``model`` and the questions of ``data`` and score :func:`few_shot_draws`:
     the whole baseline, as the ``few_shot`` command and experiment cells run it.
@@ -341,6 +401,8 @@ def run_few_shot(
         max_length=max_length,
         batch_size=runtime.eval_batch_size,
         progress=runtime.progress,
+        scoring=scoring,
+        normalization=normalization,
     )
     result = FewShotResult(**summary, task=data.task, model=model, eval_questions=len(eval_qs))
     return FewShotScores(eval_qs, log_probs, result)

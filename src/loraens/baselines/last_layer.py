@@ -69,6 +69,11 @@ def train_last_layer(
     on_epoch: Callable[[int, np.ndarray, np.ndarray], None],
 ) -> LastLayerEnsemble:
     """Train M last-layer members; ``on_epoch(epoch, train_losses, member_log_probs)``."""
+    if train_set.options is not None or eval_set.options is not None:
+        raise ValueError(
+            "Last-layer ensembles need letter scoring (model.scoring=letter): they train the "
+            "LM-head rows of the answer letters, which answer-text scoring never reads."
+        )
     ensemble = LastLayerEnsemble(model.get_output_embeddings().weight, label_ids, n_members)
     train_features = answer_features(model, train_set, runtime)
     eval_features = answer_features(model, eval_set, runtime)

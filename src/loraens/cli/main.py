@@ -18,9 +18,11 @@ from loraens.config import (
     EnsembleConfig,
     LoRAConfig,
     ModelConfig,
+    Normalization,
     OptimConfig,
     Precision,
     RuntimeConfig,
+    Scoring,
     TrainConfig,
 )
 
@@ -191,6 +193,8 @@ def few_shot(
     output: str | None = None,
     device: str = "auto",
     precision: Precision = "auto",
+    scoring: Scoring = "letter",
+    normalization: Normalization = "none",
 ) -> None:
     """The few-shot baseline: the base model with k demonstrations from the train split.
 
@@ -206,6 +210,8 @@ def few_shot(
         output: Optional JSON file for per-draw metrics, mean and std.
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        scoring: 'letter' (the paper's) or 'answer_text' (each option's text, as model.scoring).
+        normalization: answer_text only: 'none', 'per_token' or 'per_char'.
     """
     from loraens.baselines.few_shot import run_few_shot
     from loraens.evaluation.tables import METRICS
@@ -219,6 +225,8 @@ def few_shot(
         draws=draws,
         seed=seed,
         max_length=max_length,
+        scoring=scoring,
+        normalization=normalization,
     )
     result = scores.result
     n_eval = len(scores.eval_questions)

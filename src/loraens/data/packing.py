@@ -10,6 +10,13 @@ attends to itself only: its hidden states equal those of the question scored alo
 A layout is, per member, a list of rows, each a list of question indices. The LoRA layers need
 rows grouped by member with the same count for every member (rows ``[g*R, (g+1)*R)`` belong to
 the g-th active member), so members with fewer rows get empty rows (padding only).
+
+Answer-text questions (:class:`loraens.data.prompts.AnswerOptions`) are segments of a prompt
+followed by its K options. Their rows get an explicit 4-D attention mask instead: a token sees
+the earlier tokens of its own question's prompt and of its own option only, and each option's
+position ids continue from the prompt's end, so option k is computed exactly as the prompt + k
+alone would be while the prompt is computed once. Packed or not, a segment's length is its
+row-space (prompt plus every option), which is what packing and the memory budget count.
 """
 
 from __future__ import annotations
@@ -125,4 +132,66 @@ def rows_batch(
     }
     if positions is not None:
         batch["position_ids"] = positions
+    if encoded.options is not None:
+        batch.update(_option_layout(encoded, rows, width))
     return batch
+
+
+def _option_layout(encoded: EncodedQuestions, rows: Sequence[Row], width: int) -> dict:
+    """Positions, attention mask and scored tokens of answer-text rows (see the module doc).
+
+    Every option token is predicted from the position before it: the prompt's last token for an
+    option's first token. ``target_*`` list them all (row, predicting column, token id, and slot
+    ``q * K_max + k`` of question q in batch order, option k); ``option_tokens`` and
+    ``option_chars`` (questions, K_max) are each option's length, 0 for options a question
+    lacks.
+    """
+    options = encoded.options
+    assert options is not None
+    k_max = max(encoded.n_choices)
+    n_rows = len(rows)
+    # Per token: its question slot (padding: a unique negative id, so it sees itself only),
+    # its part (0 prompt, k + 1 option k) and its position id.
+    slot = -1 - torch.arange(n_rows * width).view(n_rows, width)
+    part = torch.zeros((n_rows, width), dtype=torch.long)
+    positions = torch.zeros((n_rows, width), dtype=torch.long)
+    t_rows, t_cols, t_ids, t_slots = [], [], [], []
+    n_questions = sum(len(row) for row in rows)
+    option_tokens = torch.zeros((n_questions, k_max), dtype=torch.long)
+    option_chars = torch.zeros((n_questions, k_max), dtype=torch.long)
+    q = 0
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            ids, lengths = encoded.input_ids[i], options.lengths[i]
+            prompt = len(ids) - sum(lengths)
+            slot[r, start : start + len(ids)] = q
+            positions[r, start : start + prompt] = torch.arange(prompt)
+            begin = start + prompt
+            for k, n in enumerate(lengths):
+                part[r, begin : begin + n] = k + 1
+                positions[r, begin : begin + n] = torch.arange(prompt, prompt + n)
+                t_rows += [r] * n
+                t_cols += [start + prompt - 1, *range(begin, begin + n - 1)]
+                t_ids += ids[begin - start : begin - start + n]
+                t_slots += [q * k_max + k] * n
+                begin += n
+            option_tokens[q, : len(lengths)] = torch.tensor(lengths)
+            option_chars[q, : len(lengths)] = torch.tensor(options.chars[i])
+            start += len(ids)
+            q += 1
+    same_question = slot[:, :, None] == slot[:, None, :]
+    causal = positions[:, None, :] <= positions[:, :, None]
+    key_part = part[:, None, :]
+    visible = (key_part == 0) | (key_part == part[:, :, None])
+    return {
+        "position_ids": positions,
+        # (rows, 1, query, key), True where attention is allowed: taken as is by the decoder.
+        "attention_mask": (same_question & causal & visible)[:, None],
+        "target_rows": torch.tensor(t_rows, dtype=torch.long),
+        "target_cols": torch.tensor(t_cols, dtype=torch.long),
+        "target_ids": torch.tensor(t_ids, dtype=torch.long),
+        "target_slots": torch.tensor(t_slots, dtype=torch.long),
+        "option_tokens": option_tokens,
+        "option_chars": option_chars,
+    }

@@ -8,8 +8,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraens.config import ModelConfig
 from loraens.data.files import load_questions_file
-from loraens.data.prompts import encode_questions, label_token_ids
+from loraens.data.prompts import encode_questions, scoring_label_ids
 from loraens.data.records import Question
 from loraens.data.tasks import load_task
 from loraens.evaluation.inference import score_members
@@ -32,10 +33,16 @@ def score_questions(
     ``members_per_pass`` (None: all members in one stacked pass) only changes how the work is
     shaped, never the numbers beyond float tolerance."""
     tokenizer = loaded.base.tokenizer
-    label_ids = torch.tensor(label_token_ids(tokenizer, max(len(q.choices) for q in questions)))
+    model = loaded.model_config or ModelConfig()
+    n_letters = max(len(q.choices) for q in questions)
+    label_ids = torch.tensor(
+        scoring_label_ids(tokenizer, n_letters, model.scoring), dtype=torch.long
+    )
     return score_members(
         loaded.ensemble,
-        encode_questions(tokenizer, list(questions), loaded.max_length),
+        encode_questions(
+            tokenizer, list(questions), loaded.max_length, model.scoring, model.normalization
+        ),
         label_ids.to(loaded.runtime.device),
         loaded.runtime,
         batch_size=batch_size,

@@ -10,10 +10,16 @@ import torch
 from tqdm.auto import tqdm
 
 from loraens.data.packing import plan_rows, rows_batch
-from loraens.data.prompts import EncodedQuestions
+from loraens.data.prompts import AnswerOptions, EncodedQuestions
 from loraens.evaluation.metrics import normalize_label_log_probs
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import batch_hidden_states, label_logits
+from loraens.models.scoring import (
+    batch_hidden_states,
+    label_logits,
+    option_scores,
+    target_log_probs,
+    target_states,
+)
 from loraens.runtime import Runtime
 
 
@@ -21,6 +27,17 @@ def member_slices(n_members: int, members_per_pass: int | None) -> list[slice]:
     """Contiguous groups of members processed together in one pass."""
     size = members_per_pass or n_members
     return [slice(start, min(start + size, n_members)) for start in range(0, n_members, size)]
+
+
+def _option_logits(
+    model, inputs: dict, runtime: Runtime, label_ids: torch.Tensor, options: AnswerOptions | None
+) -> torch.Tensor:
+    """(questions, K_max) logits of p_T: letter logits, or answer-text option scores."""
+    if options is None:
+        return label_logits(model, batch_hidden_states(model, inputs, runtime.device), label_ids)
+    hidden = target_states(model, inputs, runtime.device)
+    token_log_probs = target_log_probs(model, hidden, inputs["target_ids"].to(runtime.device))
+    return option_scores(token_log_probs, inputs, options.normalization)
 
 
 def score_members(
@@ -46,6 +63,9 @@ def score_members(
     into rows once (see :mod:`loraens.data.packing`) and the rows replicated per member.
     ``questions`` limits scoring to those question indices
     (a rank's share in a distributed run); the other questions' rows stay -inf.
+
+    Answer-text questions (``encoded.options``) are scored by their options' log-likelihoods
+    instead (see :mod:`loraens.models.scoring`); ``label_ids`` is then unused.
     """
     n = len(encoded)
     n_labels = max(encoded.n_choices)
@@ -69,8 +89,9 @@ def score_members(
                     n_active = (members.stop - members.start) * passes
                     inputs = rows_batch(encoded, rows * n_active, 0, packed=runtime.packing)
                     with ensemble.members(members):
-                        hidden = batch_hidden_states(model, inputs, runtime.device)
-                        logits = label_logits(model, hidden, label_ids[:n_labels])
+                        logits = _option_logits(
+                            model, inputs, runtime, label_ids[:n_labels], encoded.options
+                        )
                     by_copy = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
                     scored = inputs["indices"][: len(batch)].numpy()  # row order of one copy
                     n_choices = np.asarray([encoded.n_choices[i] for i in scored])

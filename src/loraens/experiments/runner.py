@@ -68,6 +68,8 @@ def _run_few_shot(cell: Cell, folder: Path) -> None:
         draws=cell.few_shot.get("draws", 3),
         seed=cell.seed,
         max_length=cell.few_shot.get("max_length", cfg.model.max_length),
+        scoring=cfg.model.scoring,
+        normalization=cfg.model.normalization,
     )
     run = RunDir(folder)
     folder.mkdir(parents=True, exist_ok=True)

@@ -1,10 +1,15 @@
-"""Read the model's distribution at the answer position only.
+"""Read the model's distribution at the scored positions only.
 
 The LM head is the costliest single matmul of a small model (49k × 576 for SmolLM2) and only one
 position per prompt matters, so we run the decoder, pick each row's last real token and apply the
 head there: full vocabulary for the training loss (Eq. 3), label rows only for predictions.
 Prompts are padded on the right; under causal attention trailing padding cannot influence earlier
 positions, so no attention mask is needed and the result equals unpadded scoring.
+
+Answer-text scoring (see :mod:`loraens.data.prompts`) reads the positions that predict each
+option's tokens instead: the head is applied there only, and an option's score is the sum of its
+tokens' full-vocabulary log-probabilities, normalised as asked; p_T is the softmax over the
+option scores.
 """
 
 from __future__ import annotations
@@ -49,6 +54,59 @@ def batch_hidden_states(model: PreTrainedModel, batch: dict, device: torch.devic
         None if positions is None else positions.to(device),
         batch["answer_rows"].to(device),
     )
+
+
+def decoder_states(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Final hidden states of every token of an answer-text ``rows_batch``, (rows, width, hidden),
+    under its 4-D attention mask (each option sees the prompt and itself)."""
+    mask = batch["attention_mask"].to(device)
+    if model.config._attn_implementation == "eager":
+        # Eager attention adds the mask to the scores; SDPA and flex take the boolean as is.
+        mask = torch.zeros(mask.shape, device=device).masked_fill(
+            ~mask, torch.finfo(torch.float32).min
+        )
+    return model.get_decoder()(
+        input_ids=batch["input_ids"].to(device),
+        position_ids=batch["position_ids"].to(device),
+        attention_mask=mask,
+        use_cache=False,
+    ).last_hidden_state
+
+
+def target_states(model: PreTrainedModel, batch: dict, device: torch.device) -> torch.Tensor:
+    """Hidden state at the position predicting each option token, (targets, hidden)."""
+    hidden = decoder_states(model, batch, device)
+    return hidden[batch["target_rows"].to(device), batch["target_cols"].to(device)]
+
+
+def target_log_probs(
+    model: PreTrainedModel, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 512
+) -> torch.Tensor:
+    """log p(target | its prefix) of each scored token, float32, over the full vocabulary.
+
+    In chunks of ``chunk`` positions so that at most chunk × vocab logits exist at once.
+    """
+    parts = []
+    for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
+        logits = _head(model)(h).float()
+        parts.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def option_scores(token_log_probs: torch.Tensor, batch: dict, normalization: str) -> torch.Tensor:
+    """(questions, K_max) score of every option: its tokens' summed log-probability, divided by
+    its token count (per_token) or its text's characters (per_char); 0 where an option is
+    absent (callers mask it by the question's option count)."""
+    tokens = batch["option_tokens"].to(token_log_probs.device)
+    slots = batch["target_slots"].to(token_log_probs.device)
+    sums = torch.zeros(tokens.numel(), device=tokens.device, dtype=token_log_probs.dtype)
+    sums = sums.index_add(0, slots, token_log_probs).view(tokens.shape)
+    if normalization == "none":
+        return sums
+    size = tokens if normalization == "per_token" else batch["option_chars"].to(tokens.device)
+    if normalization not in ("per_token", "per_char"):
+        raise ValueError(f"Unknown normalization {normalization!r}")
+    return sums / size.clamp(min=1).to(sums.dtype)
 
 
 def _head(model: PreTrainedModel) -> nn.Linear:

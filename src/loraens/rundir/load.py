@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraens.config import ModelConfig
 from loraens.models.loading import BaseModel, load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import AdapterError, adapter_shape, load_members
@@ -19,6 +20,7 @@ class LoadedEnsemble:
     runtime: Runtime
     max_length: int
     mc_dropout_passes: int = 1
+    model_config: ModelConfig | None = None  # how questions are prompted and scored
 
 
 def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto") -> LoadedEnsemble:
@@ -47,5 +49,10 @@ def load_run(run_dir: str | Path, device: str = "auto", precision: str = "auto")
     load_members(ensemble, folders)
     ensemble.to(runtime.device).eval()
     return LoadedEnsemble(
-        ensemble, base, runtime, cfg.model.max_length, cfg.ensemble.passes_per_adapter
+        ensemble,
+        base,
+        runtime,
+        cfg.model.max_length,
+        cfg.ensemble.passes_per_adapter,
+        model_config=cfg.model,
     )

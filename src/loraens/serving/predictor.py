@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loraens.data.prompts import PromptTooLongError, encode_prompt
+from loraens.config import ModelConfig
+from loraens.data.prompts import PromptTooLongError, encode_questions
 from loraens.data.records import Question
 from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.predictions import answer_rows
@@ -43,8 +44,13 @@ class Predictor:
 
     def check_length(self, q: Question) -> None:
         """Raise PromptTooLongError when a question cannot be scored at the run's max_length
-        (its choices alone are too long; a long question text is shortened, as in predict)."""
-        encode_prompt(self.loaded.base.tokenizer, q, self.loaded.max_length)
+        (its choices alone are too long; a long question text is shortened, as in predict),
+        encoded as the run scores: by letter or by answer text."""
+        model = self.loaded.model_config or ModelConfig()
+        encode_questions(
+            self.loaded.base.tokenizer, [q], self.loaded.max_length, model.scoring,
+            model.normalization,
+        )  # fmt: skip
 
 
 __all__ = ["Predictor", "PromptTooLongError"]

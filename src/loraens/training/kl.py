@@ -9,6 +9,12 @@ exactly zero in bf16 as in fp32. A reference computed once per question in other
 agrees only up to kernel rounding: under bf16 on SmolLM2-135M it gave 1.5e-3 nats of KL at
 B = 0 with the head outside autocast, and still up to 4.6e-4 with it inside. The price is one
 extra no-gradient forward per step in runs with β > 0, and no N × vocab reference in memory.
+
+Answer-text scoring has no single answer position: its analogue is the full-vocabulary KL at
+each position the loss reads (each token of the correct option for the token NLL, of every
+option for the K-way NLL), averaged over those positions per question so that β means the same
+per position as in letter mode whatever the options' lengths. The base side is the same rows
+under the same mask with the adapters off.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import batch_hidden_states, vocab_log_probs
+from loraens.models.scoring import batch_hidden_states, target_states, vocab_log_probs
 from loraens.runtime import Runtime
 
 
@@ -27,6 +33,16 @@ def base_log_probs(ensemble: LoRAEnsemble, batch: dict, runtime: Runtime) -> tor
     with torch.no_grad(), ensemble.adapters_disabled(), runtime.autocast():
         hidden = batch_hidden_states(ensemble.model, batch, runtime.device)
         return vocab_log_probs(ensemble.model, hidden)
+
+
+def base_target_log_probs(
+    ensemble: LoRAEnsemble, batch: dict, runtime: Runtime, read: torch.Tensor | None
+) -> torch.Tensor:
+    """log p_base(· | prefix) at the answer-text positions ``read`` (a boolean over the batch's
+    targets; None: all), (positions, vocab) float32, as :func:`base_log_probs` does."""
+    with torch.no_grad(), ensemble.adapters_disabled(), runtime.autocast():
+        hidden = target_states(ensemble.model, batch, runtime.device)
+        return vocab_log_probs(ensemble.model, hidden if read is None else hidden[read])
 
 
 def kl_to_base(log_probs: torch.Tensor, base: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,16 @@ def activation_bytes_per_token(config, autocast_dtype: torch.dtype | None) -> fl
     return config.num_hidden_layers * per_layer * OVERHEAD
 
 
+# Answer-text training keeps full-vocabulary float32 logits at every scored position: the logits
+# (saved by log-sum-exp), their gradient in backward, and the log-softmax when β·KL is on.
+LOGIT_COPIES = 3
+
+
+def scored_bytes_per_token(config) -> float:
+    """Bytes a scored answer-text position adds to a pass (see :data:`LOGIT_COPIES`)."""
+    return LOGIT_COPIES * 4.0 * config.vocab_size
+
+
 def available_bytes(device: torch.device) -> float | None:
     """Free memory where activations live: MemAvailable on CPU, free device memory on CUDA."""
     if device.type == "cuda":

@@ -22,7 +22,7 @@ import torch
 
 from loraens.baselines.last_layer import save_last_layer_member, train_last_layer
 from loraens.config import TrainConfig
-from loraens.data.prompts import EncodedQuestions, encode_questions, label_token_ids
+from loraens.data.prompts import EncodedQuestions, encode_questions, scoring_label_ids
 from loraens.data.records import Question
 from loraens.data.sources import (
     default_batch_size,
@@ -215,7 +215,11 @@ def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, Bas
 def _encode_all(
     cfg: TrainConfig, base: BaseModel, dist: Dist, question_sets: list[list[Question]]
 ) -> list[EncodedQuestions]:
-    encoded = [encode_questions(base.tokenizer, qs, cfg.model.max_length) for qs in question_sets]
+    model = cfg.model
+    encoded = [
+        encode_questions(base.tokenizer, qs, model.max_length, model.scoring, model.normalization)
+        for qs in question_sets
+    ]
     if (shortened := sum(e.n_shortened for e in encoded)) and dist.is_main:
         log.warning(
             "%d prompts exceeded max_length=%d and had their question text shortened.",
@@ -238,7 +242,8 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSe
         )
     ood_qs = load_ood_questions(cfg.data)
     max_choices = max(len(q.choices) for q in train_qs + eval_qs + ood_qs)
-    label_ids = torch.tensor(label_token_ids(base.tokenizer, max_choices), device=runtime.device)
+    letters = scoring_label_ids(base.tokenizer, max_choices, cfg.model.scoring)
+    label_ids = torch.tensor(letters, dtype=torch.long, device=runtime.device)
     train_set, eval_set, holdout_set, ood_set = _encode_all(
         cfg, base, dist, [train_qs, eval_qs, holdout_qs, ood_qs]
     )
@@ -349,6 +354,7 @@ def _build(s: _Setup) -> _Fit:
         members_per_pass=cfg.runtime.members_per_pass,
         kl_beta=cfg.optim.kl_beta,
         dist=dist,
+        loss=cfg.optim.loss,
     )
     evaluate = _Evaluator(
         ensemble,

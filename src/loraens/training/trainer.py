@@ -9,16 +9,28 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from loraens.config import OptionLoss
 from loraens.data.batching import epoch_order
 from loraens.data.packing import Row, plan_rows, rows_batch
 from loraens.data.prompts import EncodedQuestions
 from loraens.distributed import Dist
 from loraens.evaluation.inference import member_slices
 from loraens.models.lora import LoRAEnsemble
-from loraens.models.scoring import batch_hidden_states, vocab_log_probs
+from loraens.models.scoring import (
+    batch_hidden_states,
+    option_scores,
+    target_log_probs,
+    target_states,
+    vocab_log_probs,
+)
 from loraens.runtime import Runtime
-from loraens.training.kl import base_log_probs, kl_to_base
-from loraens.training.memory import activation_bytes_per_token, resolve_budget, split_passes
+from loraens.training.kl import base_log_probs, base_target_log_probs, kl_to_base
+from loraens.training.memory import (
+    activation_bytes_per_token,
+    resolve_budget,
+    scored_bytes_per_token,
+    split_passes,
+)
 
 
 class NonFiniteError(RuntimeError):
@@ -38,6 +50,11 @@ class EnsembleTrainer:
     ``runtime.memory_budget_gb`` (see :mod:`loraens.training.memory`): every question's loss is
     divided by its member's full batch size, so the passes' gradients sum to exactly the
     gradient of the member's mean loss.
+
+    Answer-text questions (``train_set.options``) are trained on ``loss``: ``token_nll``, the
+    full-vocabulary NLL of the correct option's tokens normalised as the scores are, or
+    ``option_nll``, the K-way cross-entropy of the softmax over option scores; the KL term is
+    then the mean KL over the positions the loss reads (see :mod:`loraens.training.kl`).
 
     Under a distributed launcher (``dist``) the trainer holds only this rank's members
     (``data_seeds`` are theirs); in data mode it computes its share of each batch's rows and
@@ -59,6 +76,7 @@ class EnsembleTrainer:
         kl_beta: float = 0.0,
         pad_id: int = 0,
         dist: Dist | None = None,
+        loss: OptionLoss = "token_nll",
     ):
         self.ensemble = ensemble
         self.optimizer = optimizer
@@ -72,6 +90,10 @@ class EnsembleTrainer:
         self.members_per_pass = members_per_pass
         budget = resolve_budget(runtime.memory_budget_gb, runtime.device)
         per_token = activation_bytes_per_token(ensemble.model.config, runtime.autocast_dtype)
+        if train_set.options is not None:
+            per_token += _scored_share(train_set, loss) * scored_bytes_per_token(
+                ensemble.model.config
+            )
         self.budget_tokens = budget / per_token
         self.pad_id = pad_id
         self.dist = dist or Dist(ensemble.n_members)
@@ -82,6 +104,7 @@ class EnsembleTrainer:
         self.pass_log: list[tuple[int, int, list[int]]] | None = None
         self.on_step: Callable[[float], None] | None = None  # gets each step's seconds
         self.kl_beta = kl_beta
+        self.loss = loss
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_set) // self.batch_size)
@@ -171,15 +194,81 @@ class EnsembleTrainer:
         if self.pass_log is not None:
             self.pass_log.append((*inputs["input_ids"].shape, inputs["lengths"].tolist()))
         device = self.runtime.device
-        with self.ensemble.members(members), self.runtime.autocast():
-            hidden = batch_hidden_states(self.ensemble.model, inputs, device)
-            log_probs = vocab_log_probs(self.ensemble.model, hidden)
-        targets = self.label_ids[inputs["labels"].to(device)]
-        loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
-        if self.kl_beta > 0:
-            base = base_log_probs(self.ensemble, inputs, self.runtime)
-            loss = loss + self.kl_beta * kl_to_base(log_probs, base)
+        if self.train_set.options is not None:
+            loss = self._option_loss(members, inputs)
+        else:
+            with self.ensemble.members(members), self.runtime.autocast():
+                hidden = batch_hidden_states(self.ensemble.model, inputs, device)
+                log_probs = vocab_log_probs(self.ensemble.model, hidden)
+            targets = self.label_ids[inputs["labels"].to(device)]
+            loss = -log_probs.gather(1, targets[:, None]).squeeze(1)
+            if self.kl_beta > 0:
+                base = base_log_probs(self.ensemble, inputs, self.runtime)
+                loss = loss + self.kl_beta * kl_to_base(log_probs, base)
         owner = (inputs["answer_rows"] // (len(rows) // n_active)).to(device)
         per_member = torch.zeros(n_active, device=device).index_add(0, owner, loss) / full_size
         per_member.sum().backward()
         return per_member.detach().cpu().numpy() * full_size
+
+    def _option_loss(self, members: slice, inputs: dict) -> torch.Tensor:
+        """Each answer-text question's loss (plus β·KL), (questions,), in batch order."""
+        device = self.runtime.device
+        options = self.train_set.options
+        assert options is not None
+        k_max = inputs["option_tokens"].shape[1]
+        slots = inputs["target_slots"].to(device)
+        question = slots // k_max
+        labels = inputs["labels"].to(device)
+        # token_nll reads the correct option's tokens only: the other options' head
+        # projections are not computed at all.
+        read = slots % k_max == labels[question] if self.loss == "token_nll" else None
+        targets = inputs["target_ids"].to(device)
+        model = self.ensemble.model
+        with self.ensemble.members(members), self.runtime.autocast():
+            hidden = target_states(model, inputs, device)
+            if read is not None:
+                hidden, targets, slots, question = (
+                    hidden[read],
+                    targets[read],
+                    slots[read],
+                    question[read],
+                )
+            if self.kl_beta > 0:
+                full = vocab_log_probs(model, hidden)
+                token_log_probs = full.gather(1, targets[:, None]).squeeze(1)
+            else:
+                token_log_probs = target_log_probs(
+                    model, hidden, targets, chunk=max(len(targets), 1)
+                )
+        layout = {**inputs, "target_slots": slots}
+        scores = option_scores(token_log_probs, layout, options.normalization)
+        if self.loss == "token_nll":
+            loss = -scores.gather(1, labels[:, None]).squeeze(1)
+        else:
+            absent = inputs["option_tokens"].to(device) == 0
+            log_p = scores.masked_fill(absent, float("-inf")).log_softmax(dim=-1)
+            loss = -log_p.gather(1, labels[:, None]).squeeze(1)
+        if self.kl_beta > 0:
+            base = base_target_log_probs(self.ensemble, inputs, self.runtime, read)
+            per_position = kl_to_base(full, base)
+            n_questions = len(labels)
+            total = torch.zeros(n_questions, device=device).index_add(0, question, per_position)
+            count = torch.zeros(n_questions, device=device).index_add(
+                0, question, torch.ones_like(per_position)
+            )
+            loss = loss + self.kl_beta * total / count.clamp(min=1)
+        return loss
+
+
+def _scored_share(train_set: EncodedQuestions, loss: OptionLoss) -> float:
+    """Share of a segment's tokens whose full-vocabulary logits a training pass keeps."""
+    options = train_set.options
+    assert options is not None
+    total = sum(len(ids) for ids in train_set.input_ids)
+    if loss == "option_nll":
+        scored = sum(sum(lengths) for lengths in options.lengths)
+    else:
+        scored = sum(
+            lengths[label] for lengths, label in zip(options.lengths, train_set.labels, strict=True)
+        )
+    return scored / max(total, 1)
