@@ -55,18 +55,10 @@ def evaluate_run(
     return rows, single_vs_ensemble(rows)
 
 
-def predict_file(
-    loaded: LoadedEnsemble,
-    questions: list[Question],
-    output: Path,
-    *,
-    batch_size: int = 32,
-    progress: bool = True,
-) -> list[dict]:
-    """Write one JSONL line per question: answer letter, ensemble probability, disagreement."""
-    member_log_probs = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
+def answer_rows(questions: Sequence[Question], member_log_probs: np.ndarray) -> list[dict]:
+    """One record per question: answer letter, ensemble probability, disagreement, every p."""
     rows = []
-    for row in probability_rows(questions, member_log_probs):
+    for row in probability_rows(list(questions), member_log_probs):
         k = row["prediction"]
         rows.append(
             {
@@ -79,6 +71,20 @@ def predict_file(
                 "member_probs": row["member_probs"],
             }
         )
+    return rows
+
+
+def predict_file(
+    loaded: LoadedEnsemble,
+    questions: list[Question],
+    output: Path,
+    *,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> list[dict]:
+    """Write one JSONL line per question: answer letter, ensemble probability, disagreement."""
+    member_log_probs = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
+    rows = answer_rows(questions, member_log_probs)
     write_jsonl_atomic(output, rows)
     return rows
 

@@ -4,6 +4,9 @@ config.yaml              the resolved configuration (:class:`~loraens.config.Tra
 metrics.jsonl            one row per (epoch, split, member | "ensemble")
 predictions.jsonl        per question: every member's p_T, the ensemble's, the label
 eval_log_probs.safetensors  every member's unrounded eval log p_T at every evaluated epoch
+holdout_log_probs.safetensors  every member's log p_T on the held-out training questions (the
+                         adapters kept), with data.calibrate or optim.patience; same format
+calibration.json         temperatures fitted on them (:class:`CalibrationRecord`)
 members/member-XX/       each member as a PEFT adapter folder
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
@@ -24,6 +27,7 @@ from loraens.config import TrainConfig
 from loraens.io import write_text_atomic
 from loraens.rundir.log_probs import EvalLogProbs, read_eval_log_probs, write_eval_log_probs
 from loraens.rundir.records import (
+    CalibrationRecord,
     CellRecord,
     FewShotResult,
     RunSummary,
@@ -35,6 +39,8 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
 EVAL_LOG_PROBS_FILE = "eval_log_probs.safetensors"
+HOLDOUT_LOG_PROBS_FILE = "holdout_log_probs.safetensors"
+CALIBRATION_FILE = "calibration.json"
 SUMMARY_FILE = "summary.json"
 FEW_SHOT_FILE = "few_shot.json"
 CELL_FILE = "cell.json"
@@ -65,6 +71,14 @@ class RunDir:
     @property
     def eval_log_probs(self) -> Path:
         return self.root / EVAL_LOG_PROBS_FILE
+
+    @property
+    def holdout_log_probs(self) -> Path:
+        return self.root / HOLDOUT_LOG_PROBS_FILE
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION_FILE
 
     @property
     def summary(self) -> Path:
@@ -123,6 +137,24 @@ class RunDir:
 
     def read_eval_log_probs(self) -> EvalLogProbs:
         return read_eval_log_probs(self.eval_log_probs)
+
+    def write_holdout_log_probs(
+        self, epoch: int, member_log_probs: ArrayLike, labels: ArrayLike
+    ) -> None:
+        """Record the (M, N, K) log-probs of the held-out questions used for calibration."""
+        write_eval_log_probs(self.holdout_log_probs, epoch, member_log_probs, labels)
+
+    def read_holdout_log_probs(self) -> EvalLogProbs:
+        return read_eval_log_probs(self.holdout_log_probs)
+
+    def read_calibration(self) -> CalibrationRecord | None:
+        """The run's fitted temperatures; None for a run never calibrated."""
+        if not self.calibration.is_file():
+            return None
+        return read_record(CalibrationRecord, self.calibration)
+
+    def write_calibration(self, record: CalibrationRecord) -> None:
+        write_record(record, self.calibration)
 
     def read_summary(self) -> RunSummary:
         return read_record(RunSummary, self.summary)
