@@ -158,7 +158,8 @@ class DataConfig:
     """Where the questions come from."""
 
     task: str | None = "arce"
-    """Built-in task (cqa, obqa, arce, arcc, mmlu-ss, mmlu-stem); see `loraens tasks`."""
+    """Built-in task (cqa, obqa, arce, arcc, mmlu-ss, mmlu-stem; OOD sets such as mmlu,
+    mmlu-chem); see `loraens tasks`."""
     train_file: str | None = None
     """Your own training questions (JSONL, CSV or Parquet); replaces the task's train split."""
     eval_file: str | None = None

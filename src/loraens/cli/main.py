@@ -285,12 +285,11 @@ def ood(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.decisions.run import ood_with_temperature, read_decisions
-    from loraens.evaluation.ood import evaluate_run_ood
+    from loraens.decisions.run import ood_result
     from loraens.evaluation.tables import format_table
     from loraens.io import write_json_atomic
 
-    evaluated = evaluate_run_ood(
+    result = ood_result(
         run,
         ood_task,
         ood_file,
@@ -301,12 +300,7 @@ def ood(
         precision=precision,
         progress=True,
     )
-    name, result = evaluated.ood_set, evaluated.metrics
-    calibration = read_decisions(run).temperatures
-    if calibration is not None:
-        scaled = ood_with_temperature(evaluated, calibration)
-        result["ood"] = result.get("ood", {}) | scaled.get("ood", {})
-        result["auroc"]["ensemble + TS"] = scaled["auroc"]
+    name = result["ood_set"]
     if "ood" in result:
         print(format_table(result["ood"], title=f"\nOOD set {name}: {result['n_ood']} questions"))
     auroc = result["auroc"]

@@ -1,5 +1,5 @@
-"""Decisions for a trained run: its temperatures and held-out log-probs, read from the run
-directory, applied to what ``evaluate``, ``predict`` and ``ood`` score.
+"""Decisions for a trained run: its temperatures and held-out log-probs (:mod:`.stored`),
+applied to what ``evaluate``, ``predict`` and ``ood`` score.
 
 Training writes ``holdout_log_probs.safetensors`` and ``calibration.json`` when it holds out
 training questions (``data.calibrate`` or ``optim.patience``); :func:`calibrate_run` does it
@@ -9,7 +9,6 @@ afterwards, from those saved log-probs or from a labelled questions file the run
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +18,18 @@ from loraens.data.prompts import LETTERS
 from loraens.data.records import Question
 from loraens.decisions.conformal import Score, conformal_sets
 from loraens.decisions.selective import SelectiveThreshold, choose_threshold
+from loraens.decisions.stored import (
+    HOLDOUT_SOURCE,
+    RunDecisions,
+    fit_calibration,
+    read_decisions,
+    write_calibration,
+)
 from loraens.decisions.tables import decision_rows, temperature_table
-from loraens.decisions.temperature import Temperatures, fit_temperatures
+from loraens.decisions.temperature import Temperatures
 from loraens.evaluation.evaluate import answer_rows, score_questions
-from loraens.evaluation.metrics import auroc, ensemble_log_probs, max_prob, nll
-from loraens.evaluation.ood import RunOOD, ood_scores
+from loraens.evaluation.metrics import auroc, ensemble_log_probs, max_prob
+from loraens.evaluation.ood import RunOOD, evaluate_run_ood, ood_scores
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
 from loraens.rundir import CalibrationRecord, RunDir
@@ -35,73 +41,12 @@ __all__ = [
     "calibrate_run",
     "evaluate_with_decisions",
     "fit_calibration",
+    "ood_result",
     "ood_with_temperature",
     "predict_with_decisions",
     "read_decisions",
     "write_calibration",
 ]
-
-HOLDOUT_SOURCE = "training hold-out"
-
-
-def fit_calibration(
-    member_log_probs: np.ndarray, labels: np.ndarray, source: str
-) -> tuple[Temperatures, CalibrationRecord]:
-    """Temperatures fitted on held-out (M, N, K) log-probs, and the record that stores them."""
-    temps = fit_temperatures(member_log_probs, labels)
-    models = {
-        "single": np.mean([nll(x, labels) for x in member_log_probs]),
-        "single + TS": np.mean([nll(x, labels) for x in temps.members_scaled(member_log_probs)]),
-        "ensemble": nll(ensemble_log_probs(member_log_probs), labels),
-        "ensemble + TS": nll(temps.ensemble_scaled(member_log_probs), labels),
-    }
-    record = CalibrationRecord(
-        member_temperatures=list(temps.members),
-        ensemble_temperature=temps.ensemble,
-        questions=int(len(labels)),
-        source=source,
-        holdout_nll={k: float(v) for k, v in models.items()},
-    )
-    return temps, record
-
-
-def write_calibration(
-    run: RunDir, epoch: int, member_log_probs: np.ndarray, labels: np.ndarray, source: str
-) -> Temperatures:
-    """Save the held-out log-probs and the temperatures fitted on them; the temperatures."""
-    temps, record = fit_calibration(member_log_probs, labels, source)
-    run.write_holdout_log_probs(epoch, member_log_probs, labels)
-    run.write_calibration(record)
-    return temps
-
-
-@dataclass(frozen=True)
-class RunDecisions:
-    """What a run directory holds for decisions: temperatures and held-out log-probs."""
-
-    temperatures: Temperatures | None
-    holdout_log_probs: np.ndarray | None
-    """(M, N, K) of the last recorded entry of holdout_log_probs.safetensors."""
-    holdout_labels: np.ndarray | None
-
-    @property
-    def has_holdout(self) -> bool:
-        return self.holdout_log_probs is not None and self.holdout_labels is not None
-
-
-def temperatures_of(record: CalibrationRecord) -> Temperatures:
-    return Temperatures(tuple(record.member_temperatures), record.ensemble_temperature)
-
-
-def read_decisions(run_dir: str | Path) -> RunDecisions:
-    """A run's temperatures and held-out log-probs (each None when the run has none)."""
-    run = RunDir(Path(run_dir))
-    record = run.read_calibration()
-    temps = None if record is None else temperatures_of(record)
-    if not run.holdout_log_probs.is_file():
-        return RunDecisions(temps, None, None)
-    held = run.read_holdout_log_probs()
-    return RunDecisions(temps, held.member_log_probs[-1], np.asarray(held.labels))
 
 
 def calibrate_run(
@@ -258,3 +203,39 @@ def ood_with_temperature(result: RunOOD, temps: Temperatures) -> dict:
     s_in, s_out = ood_scores(scaled_in), ood_scores(scaled_out)
     out["auroc"] = {name: auroc(s_in[name], s_out[name]) for name in ("neg_max_prob", "entropy")}
     return out
+
+
+def ood_result(
+    run: str | Path,
+    ood_task: str | None = None,
+    ood_file: str | None = None,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = False,
+) -> dict:
+    """:func:`~loraens.evaluation.ood.evaluate_run_ood`'s figures (the ``ood`` command's JSON),
+    with, for a calibrated run, "single + TS" / "ensemble + TS" rows in its "ood" table and an
+    "ensemble + TS" entry in its "auroc"; "ood_set" names the OOD set."""
+    evaluated = evaluate_run_ood(
+        run,
+        ood_task,
+        ood_file,
+        limit=limit,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=progress,
+    )
+    result = {"ood_set": evaluated.ood_set, **evaluated.metrics}
+    temps = read_decisions(run).temperatures
+    if temps is not None:
+        scaled = ood_with_temperature(evaluated, temps)
+        if "ood" in scaled:
+            result["ood"] = result.get("ood", {}) | scaled["ood"]
+        result["auroc"]["ensemble + TS"] = scaled["auroc"]
+    return result

@@ -7,6 +7,7 @@ eval_log_probs.safetensors  every member's unrounded eval log p_T at every evalu
 holdout_log_probs.safetensors  every member's log p_T on the held-out training questions (the
                          adapters kept), with data.calibrate or optim.patience; same format
 calibration.json         temperatures fitted on them (:class:`CalibrationRecord`)
+ood/<set>.json           an OOD evaluation of the run (an experiment's ood_eval)
 members/member-XX/       each member as a PEFT adapter folder
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
@@ -45,6 +46,7 @@ SUMMARY_FILE = "summary.json"
 FEW_SHOT_FILE = "few_shot.json"
 CELL_FILE = "cell.json"
 PROVENANCE_FILE = "provenance.json"
+OOD_DIR = "ood"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
 
@@ -104,6 +106,13 @@ class RunDir:
     def checkpoint_state(self) -> Path:
         """Present once an epoch's checkpoint is complete: the run can be resumed."""
         return self.checkpoint / CHECKPOINT_STATE_FILE
+
+    def ood_result(self, ood_set: str) -> Path:
+        """The JSON of the run's OOD evaluation on ``ood_set`` (a task name)."""
+        return self.root / OOD_DIR / f"{ood_set}.json"
+
+    def ood_results(self) -> list[Path]:
+        return sorted((self.root / OOD_DIR).glob("*.json"))
 
     def member(self, m: int) -> Path:
         return self.root / "members" / f"member-{m:02d}"

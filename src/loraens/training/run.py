@@ -30,7 +30,7 @@ from loraens.data.sources import (
     load_run_data,
     split_holdout,
 )
-from loraens.decisions.run import HOLDOUT_SOURCE, write_calibration
+from loraens.decisions.stored import HOLDOUT_SOURCE, write_calibration
 from loraens.decisions.tables import temperature_table
 from loraens.distributed import Dist, env_world_size, launch
 from loraens.evaluation.inference import score_members
