@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+from helpers import log
 
 from loraens.decisions.conformal import (
     conformal_quantile,
@@ -53,14 +54,20 @@ def test_a_worked_example():
     # n = 3, alpha = 0.5: the ceil(4 · 0.5) = 2nd smallest score
     assert conformal_quantile([0.4, 0.75, 0.3], 0.5) == 0.4
     assert conformal_quantile([0.4, 0.75, 0.3], 0.1) == math.inf  # rank 4 > n
+    # LAC may leave a question whose best option is not sure enough with an empty set
     np.testing.assert_array_equal(
-        prediction_sets(lp, 0.4, "lac"),
-        [[True, False, False], [True, False, False], [False, True, False]],
+        prediction_sets(lp, 0.45, "lac"),
+        [[True, False, False], [False, False, False], [False, True, False]],
+    )
+    # APS adds options in order of probability until the mass reaches q̂
+    np.testing.assert_array_equal(
+        prediction_sets(lp, 0.9, "aps"),
+        [[True, True, False], [True, False, False], [True, True, False]],
     )
 
 
 def test_padding_is_never_in_a_set():
-    lp = np.log(np.array([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]]))
+    lp = log([[0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
     for score in ("lac", "aps"):
         assert np.isposinf(option_scores(lp, score)[0, 2])
         assert not prediction_sets(lp, math.inf, score)[0, 2]

@@ -49,6 +49,8 @@ def write_calibration(
     run: RunDir, epoch: int, member_log_probs: np.ndarray, labels: np.ndarray, source: str
 ) -> Temperatures:
     """Save the held-out log-probs and the temperatures fitted on them; the temperatures."""
+    # Fitted on the float32 values the file keeps, so a refit from the file gives the same T.
+    member_log_probs = np.asarray(member_log_probs, dtype=np.float32).astype(np.float64)
     temps, record = fit_calibration(member_log_probs, labels, source)
     run.write_holdout_log_probs(epoch, member_log_probs, labels)
     run.write_calibration(record)

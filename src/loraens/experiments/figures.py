@@ -575,13 +575,11 @@ def risk_coverage_figure(
     """Risk–coverage curves, one panel per task: ``panels[task][model] = (coverage, risk,
     AURC)``, models as in :data:`loraens.decisions.tables.MODELS`."""
     fig, axes = _grid(1, len(panels), 4.0, 3.4)
-    handles = {}
     for ax, (task, curves) in zip(axes[0], panels.items(), strict=True):
         for model, (coverage, risk, area) in curves.items():
             color, style = _MODEL_STYLES.get(model, ("#777777", ":"))
             (line,) = ax.step(coverage, risk, where="post", color=color, ls=style, lw=1.4)
             line.set_label(f"{model} (AURC {area:.3f})")
-            handles.setdefault(model, Line2D([], [], color=color, ls=style, label=model))
         ax.set_title(task, fontsize=10)
         ax.set_xlabel("coverage (share answered)")
         ax.set_ylabel("risk (error rate of the answered)")
@@ -589,9 +587,4 @@ def risk_coverage_figure(
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
-    return _finish(
-        fig,
-        "Risk–coverage: answering the most confident questions first",
-        footer,
-        list(handles.values()),
-    )
+    return _finish(fig, "Risk–coverage: answering the most confident questions first", footer)

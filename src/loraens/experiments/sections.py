@@ -642,8 +642,10 @@ def _decisions(rs: RunSet, task: str) -> Panel:
     except (OSError, ValueError) as error:
         log.warning("cannot read the decision files of %s: %s", run.path, error)
         return Panel(runs=[run], missing=["readable calibration files"])
+    # The adapters kept (the best epoch under patience), else the last evaluated epoch.
     kept = run.summary.epoch_kept
-    lp = evals.at(kept) if kept in evals.epochs else evals.member_log_probs[-1]
+    epoch = kept if kept is not None and kept in evals.epochs else evals.epochs[-1]
+    lp = evals.at(epoch)
     labels = np.asarray(evals.labels)
     curves = {}
     for model, arrays in variants(lp, decided.temperatures).items():
@@ -660,7 +662,6 @@ def _decisions(rs: RunSet, task: str) -> Panel:
         decided.holdout_labels,
         coverage=DECISION_COVERAGE,
     )
-    epoch = kept if kept in evals.epochs else evals.epochs[-1]
     csv_rows = [{"task": task, "run": rs.relative(run.path), "epoch": epoch, **row} for row in rows]
     return Panel(curves, runs=[run], rows=csv_rows)
 
