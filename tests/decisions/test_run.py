@@ -63,6 +63,8 @@ def test_calibrate_refits_from_the_hold_out_or_a_file(calibrated_run, questions_
     record = RunDir(calibrated_run).read_calibration()
     assert record.source == str(evaluation) and record.questions == 12
     assert len(RunDir(calibrated_run).read_holdout_log_probs().labels) == 12
+    main(["calibrate", str(calibrated_run)])  # a refit keeps naming where the questions came from
+    assert RunDir(calibrated_run).read_calibration() == record
 
 
 def test_predict_abstains_and_adds_conformal_sets(

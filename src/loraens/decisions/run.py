@@ -69,9 +69,10 @@ def calibrate_run(
         write_calibration(run, 0, lp, labels, source=str(file))
     elif run.holdout_log_probs.is_file():
         held = run.read_holdout_log_probs()
-        labels = np.asarray(held.labels)
-        _, record = fit_calibration(held.member_log_probs[-1], labels, HOLDOUT_SOURCE)
-        run.write_calibration(record)
+        before = run.read_calibration()  # keeps naming the file the held-out set came from
+        source = HOLDOUT_SOURCE if before is None else before.source
+        _, fitted = fit_calibration(held.member_log_probs[-1], np.asarray(held.labels), source)
+        run.write_calibration(fitted)
     else:
         raise ValueError(
             f"{run.root} has no held-out questions ({run.holdout_log_probs.name}): train with "

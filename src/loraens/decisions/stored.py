@@ -29,9 +29,11 @@ def fit_calibration(
 ) -> tuple[Temperatures, CalibrationRecord]:
     """Temperatures fitted on held-out (M, N, K) log-probs, and the record that stores them."""
     temps = fit_temperatures(member_log_probs, labels)
-    models = {
-        "single": np.mean([nll(x, labels) for x in member_log_probs]),
-        "single + TS": np.mean([nll(x, labels) for x in temps.members_scaled(member_log_probs)]),
+    models: dict[str, float] = {
+        "single": float(np.mean([nll(x, labels) for x in member_log_probs])),
+        "single + TS": float(
+            np.mean([nll(x, labels) for x in temps.members_scaled(member_log_probs)])
+        ),
         "ensemble": nll(ensemble_log_probs(member_log_probs), labels),
         "ensemble + TS": nll(temps.ensemble_scaled(member_log_probs), labels),
     }
@@ -40,7 +42,7 @@ def fit_calibration(
         ensemble_temperature=temps.ensemble,
         questions=int(len(labels)),
         source=source,
-        holdout_nll={k: float(v) for k, v in models.items()},
+        holdout_nll=models,
     )
     return temps, record
 
