@@ -4,6 +4,8 @@ from the files of synthetic run directories and checked against computations wri
 from __future__ import annotations
 
 import csv
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +129,8 @@ def test_an_uncalibrated_run_says_what_the_section_needs(tmp_path):
     page = write_report([tmp_path / "runs"], tmp_path / "report").read_text()
     assert "trained with data.calibrate" in page
     assert not (tmp_path / "report" / "fig-risk-coverage.png").exists()
+
+
+def test_the_report_with_its_decision_sections_loads_without_torch():
+    code = "import sys, loraens.experiments.report; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -23,7 +23,6 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from loraens.evaluation.metrics import auroc, ensemble_log_probs, max_prob
-from loraens.evaluation.ood import ood_scores
 
 __all__ = [
     "COVERAGES",
@@ -146,6 +145,9 @@ def selective_summary(member_log_probs: ArrayLike, labels: ArrayLike) -> dict[st
     for cov in COVERAGES:
         out[f"accuracy@{int(cov * 100)}"] = accuracy_at_coverage(confidence, correct, cov)
     # The OOD module's scores (higher = less sure), MI rounded so agreeing members tie exactly.
+    # Imported here: that module loads torch, which the report (a user of this one) never needs.
+    from loraens.evaluation.ood import ood_scores
+
     scores = ood_scores(lp)
     for name, key in (("max_prob", "neg_max_prob"), ("entropy", "entropy")):
         out[f"misclass_auroc_{name}"] = misclassification_auroc(scores[key], correct)
