@@ -3,12 +3,14 @@ the held-out log-probs and the temperatures fitted on them."""
 
 from __future__ import annotations
 
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from loraens.decisions.temperature import Temperatures, fit_temperatures
+from loraens.decisions.temperature import LOG_T_BOUNDS, Temperatures, fit_temperatures
 from loraens.evaluation.metrics import ensemble_log_probs, nll
 from loraens.rundir import CalibrationRecord, RunDir
 
@@ -21,6 +23,8 @@ __all__ = [
     "write_calibration",
 ]
 
+log = logging.getLogger(__name__)
+
 HOLDOUT_SOURCE = "training hold-out"
 
 
@@ -29,6 +33,18 @@ def fit_calibration(
 ) -> tuple[Temperatures, CalibrationRecord]:
     """Temperatures fitted on held-out (M, N, K) log-probs, and the record that stores them."""
     temps = fit_temperatures(member_log_probs, labels)
+    at_bound = [t for t in (*temps.members, temps.ensemble) if _at_bound(t)]
+    if at_bound:
+        # T = 100 flattens answers to uniform: the model did worse than chance on the held-out
+        # questions (T = 0.01: it was never wrong there). Either way too few, or too easy, to
+        # tell a temperature; more held-out questions (optim.holdout_fraction) help.
+        log.warning(
+            "%d of %d temperatures hit the search bound [0.01, 100] on %d held-out questions; "
+            "temperature scaling there only flattens (or sharpens) answers to the extreme.",
+            len(at_bound),
+            len(temps.members) + 1,
+            len(labels),
+        )
     models: dict[str, float] = {
         "single": float(np.mean([nll(x, labels) for x in member_log_probs])),
         "single + TS": float(
@@ -45,6 +61,10 @@ def fit_calibration(
         holdout_nll=models,
     )
     return temps, record
+
+
+def _at_bound(t: float) -> bool:
+    return any(math.isclose(math.log(t), b, abs_tol=1e-6) for b in LOG_T_BOUNDS)
 
 
 def write_calibration(
