@@ -574,7 +574,8 @@ def risk_coverage_figure(
 ) -> Figure:
     """Risk–coverage curves, one panel per task: ``panels[task][model] = (coverage, risk,
     AURC)``, models as in :data:`loraens.decisions.tables.MODELS`."""
-    fig, axes = _grid(1, len(panels), 4.0, 3.4)
+    # At least 6.5 inches in all, so the title fits above a single panel.
+    fig, axes = _grid(1, len(panels), max(4.0, 6.5 / len(panels)), 3.4)
     for ax, (task, curves) in zip(axes[0], panels.items(), strict=True):
         for model, (coverage, risk, area) in curves.items():
             color, style = _MODEL_STYLES.get(model, ("#777777", ":"))
@@ -587,4 +588,4 @@ def risk_coverage_figure(
         ax.set_ylim(bottom=0)
         ax.legend(fontsize=7, loc="upper left")
         ax.grid(alpha=0.3)
-    return _finish(fig, "Risk–coverage: answering the most confident questions first", footer)
+    return _finish(fig, "Risk–coverage: answer the most confident questions first", footer)
