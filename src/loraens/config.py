@@ -154,7 +154,8 @@ class OptimConfig:
     has not improved for this many epochs, and keep the best epoch's adapters (None: train all
     epochs; the paper's early stopping is simply a small optim.epochs)."""
     holdout_fraction: float = 0.1
-    """Share of the training questions held out for optim.patience (unused without it)."""
+    """Share of the training questions held out for optim.patience and data.calibrate (unused
+    without either)."""
     kl_beta: float = 0.0
     """β of the KL(p_fine-tuned || p_base) penalty at the answer position (paper: 0.01, 0.05,
     0.1); 0 turns it off. p_base comes from a second, gradient-free forward of each step's
@@ -190,7 +191,8 @@ class DataConfig:
     """Where the questions come from."""
 
     task: str | None = "arce"
-    """Built-in task (cqa, obqa, arce, arcc, mmlu-ss, mmlu-stem); see `loraens tasks`."""
+    """Built-in task (cqa, obqa, arce, arcc, mmlu-ss, mmlu-stem; OOD sets such as mmlu,
+    mmlu-chem); see `loraens tasks`."""
     train_file: str | None = None
     """Your own training questions (JSONL, CSV or Parquet); replaces the task's train split."""
     eval_file: str | None = None
@@ -214,6 +216,11 @@ class DataConfig:
     """Your own OOD questions (JSONL, CSV or Parquet) instead of data.ood_task."""
     ood_limit: int | None = None
     """Use a random subset of this many OOD questions (None: all)."""
+    calibrate: bool = False
+    """Hold out optim.holdout_fraction of the training questions (not trained on) and fit
+    temperatures on them after training, for temperature scaling, `predict --max_risk` and
+    `predict --coverage` (files holdout_log_probs.safetensors and calibration.json). Always
+    on with optim.patience, which holds out the same questions: they then also pick the epoch."""
 
     def __post_init__(self):
         for name in ("train_limit", "eval_limit", "ood_limit"):

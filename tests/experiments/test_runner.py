@@ -96,7 +96,7 @@ def test_only_filters_by_every_field_with_wildcards(tmp_path):
 
 def test_shipped_experiments_parse():
     root = Path(__file__).parents[2] / "experiments"
-    for name in ("paper.yaml", "cpu-small.yaml"):
+    for name in ("paper.yaml", "cpu-small.yaml", "blob-ood.yaml"):
         assert load_experiment(root / name).cells
 
 
@@ -190,3 +190,45 @@ def test_a_failing_cell_does_not_stop_the_others(tiny_model_dir, tmp_path, capsy
 
     main(["experiment", str(path), "--out", str(out), "--only", "cell=none", "--plan", "true"])
     assert "done     train     obqa/none/seed-0" in capsys.readouterr().out
+
+
+def test_blob_ood_trains_calibrated_obqa_cells_scored_on_near_and_far_shift():
+    spec = load_experiment(Path(__file__).parents[2] / "experiments" / "blob-ood.yaml")
+    assert [c.key for c in spec.cells] == ["obqa/fixed/seed-0", "obqa/patience/seed-0"]
+    assert all(c.kind == "train" and c.config.data.calibrate for c in spec.cells)
+    assert [c.config.optim.patience for c in spec.cells] == [None, 1]
+    assert spec.ood_eval.tasks == ("arcc", "arce", "mmlu-chem", "mmlu-phy")
+
+
+@pytest.mark.parametrize(
+    ("ood_eval", "message"),
+    [
+        ({"tasks": ["nope"]}, "unknown task"),
+        ({"tasks": ["arcc"], "limit": 0}, "limit"),
+        (["arcc"], "expected {tasks"),
+    ],
+)
+def test_ood_eval_mistakes_name_the_file(tmp_path, ood_eval, message):
+    path = _write(tmp_path, {**_tiny_spec(tmp_path), "ood_eval": ood_eval})
+    with pytest.raises(ExperimentError, match=message):
+        load_experiment(path)
+
+
+def test_ood_eval_scores_a_finished_cell_once_with_temperature_scaling(tiny_model_dir, tmp_path):
+    spec = _tiny_spec(tiny_model_dir, none={"data.calibrate": True})
+    spec["base"]["data"]["train_limit"] = 12
+    spec["ood_eval"] = {"tasks": ["arcc"], "limit": 4}
+    experiment = load_experiment(_write(tmp_path, spec))
+    out = tmp_path / "runs"
+    assert [o.status for o in run_experiment(experiment, experiment.cells, out)] == ["done"]
+    folder = cell_dir(out, experiment, experiment.cells[0])
+    result = json.loads((folder / "ood" / "arcc.json").read_text())
+    assert result["ood_set"] == "arcc" and result["n_ood"] == 4
+    assert {"single + TS", "ensemble + TS"} <= set(result["ood"])
+    assert set(result["auroc"]["ensemble + TS"]) == {"neg_max_prob", "entropy"}
+    # A cell whose OOD file went missing is scored again, without retraining.
+    (folder / "ood" / "arcc.json").unlink()
+    summary = (folder / "summary.json").stat().st_mtime_ns
+    assert [o.status for o in run_experiment(experiment, experiment.cells, out)] == ["done"]
+    assert (folder / "ood" / "arcc.json").exists()
+    assert (folder / "summary.json").stat().st_mtime_ns == summary

@@ -148,3 +148,28 @@ def test_the_rundir_package_sits_below_evaluation_experiments_and_training():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_calibration_record_round_trips_and_bad_fields_are_named(tmp_path):
+    run = RunDir(tmp_path)
+    assert run.read_calibration() is None
+    text = (
+        '{"ensemble_temperature": 1.5, "holdout_nll": {"ensemble": 0.9}, '
+        '"member_temperatures": [1.25, 2], "questions": 12, "source": "training hold-out"}'
+    )
+    run.calibration.write_text(text)
+    record = run.read_calibration()
+    assert record.member_temperatures == [1.25, 2] and record.ensemble_temperature == 1.5
+    run.write_calibration(record)
+    assert json.loads(run.calibration.read_text()) == json.loads(text)
+    for change, words in (
+        ({"ensemble_temperature": -1.0}, "temperatures must be finite numbers > 0"),
+        ({"member_temperatures": []}, "temperatures must be"),
+        ({"member_temperatures": ["1"]}, "temperatures must be"),
+        ({"questions": "12"}, "field 'questions' should be int"),
+        ({"questions": 0}, "questions must be >= 1"),
+    ):
+        run.calibration.write_text(json.dumps({**json.loads(text), **change}))
+        with pytest.raises(RecordError, match=words) as info:
+            run.read_calibration()
+        assert "calibration.json" in str(info.value)

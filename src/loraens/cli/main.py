@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import CLI, set_parsing_settings
 
@@ -63,29 +64,45 @@ def evaluate(
     task: str | None = None,
     file: str | None = None,
     output: str | None = None,
+    coverage: float = 0.9,
     batch_size: int = 32,
     device: str = "auto",
     precision: Precision = "auto",
 ) -> None:
     """Score a trained run's members and their ensemble on a task's eval split or a file.
 
+    A calibrated run (calibration.json) adds the "single + TS" and "ensemble + TS" rows, and
+    a table of selective-prediction figures (AURC, E-AURC, accuracy at 50/80/90% coverage)
+    with the empirical coverage and mean size of conformal answer sets.
+
     Args:
         run: Run directory written by `loraens train`, or a folder from `loraens export`.
         task: Built-in task whose eval split to score (see `loraens tasks`).
         file: Your own labelled questions (JSONL, CSV or Parquet) instead of a task.
         output: Optional JSONL file for the metric rows (one per member and the ensemble).
+        coverage: Target coverage of the conformal answer sets (LAC score) in the decision
+            table; needs the run's held-out questions.
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import evaluate_run, questions_for
+    from loraens.decisions.run import evaluate_with_decisions, read_decisions
+    from loraens.decisions.tables import format_decisions
+    from loraens.evaluation.evaluate import questions_for
     from loraens.evaluation.tables import format_table
     from loraens.io import write_jsonl_atomic
     from loraens.rundir.load import load_run
 
     questions = questions_for(task, file, require_answer=True)
-    rows, table = evaluate_run(load_run(run, device, precision), questions, batch_size=batch_size)
+    rows, table, decided = evaluate_with_decisions(
+        load_run(run, device, precision),
+        read_decisions(run),
+        questions,
+        batch_size=batch_size,
+        coverage=coverage,
+    )
     print(format_table(table, title=f"\n{task or file}: {len(questions)} questions"))
+    print(format_decisions(decided, title="\nselective prediction and conformal sets"))
     if output:
         write_jsonl_atomic(Path(output), rows)
 
@@ -94,6 +111,9 @@ def predict(
     run: str,
     file: str,
     output: str = "predictions.jsonl",
+    max_risk: float | None = None,
+    coverage: float | None = None,
+    score: Literal["lac", "aps"] = "lac",
     batch_size: int = 32,
     device: str = "auto",
     precision: Precision = "auto",
@@ -101,26 +121,92 @@ def predict(
     """Answer the questions of a file with a trained ensemble.
 
     Writes one JSONL line per question: the predicted option (index, letter and text), the
-    ensemble's probability for it, the share of members that disagree with it, the entropy and
-    mutual information (nats), and every probability.
+    ensemble's probability for it (temperature-scaled when the run is calibrated, with every
+    scaled probability in calibrated_probs), the share of members that disagree with it, the
+    entropy and mutual information (nats), and every probability. --max_risk and --coverage
+    are chosen on the run's held-out questions (train with --data.calibrate true, or run
+    `loraens calibrate`).
 
     Args:
         run: Run directory written by `loraens train`, or a folder from `loraens export`.
         file: Questions (JSONL, CSV or Parquet); `answer` may be absent.
         output: JSONL file to write.
+        max_risk: Mark each answer abstain: true/false, answering where the (calibrated)
+            ensemble's max p reaches the threshold whose held-out error rate is at most this
+            (the largest held-out coverage that meets it).
+        coverage: Add prediction_set (letters and texts) to every answer: split conformal sets
+            that contain the right answer with at least this probability.
+        score: Conformal score: lac (1 - p of the answer; smallest sets) or aps (cumulative
+            probability; sets adapt to uncertainty, never empty).
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.evaluate import predict_file, questions_for
+    from loraens.decisions.run import predict_with_decisions, read_decisions
+    from loraens.evaluation.evaluate import questions_for
     from loraens.rundir.load import load_run
 
     questions = questions_for(None, file, require_answer=False)
-    rows = predict_file(
-        load_run(run, device, precision), questions, Path(output), batch_size=batch_size
+    rows, summary = predict_with_decisions(
+        load_run(run, device, precision),
+        read_decisions(run),
+        questions,
+        Path(output),
+        max_risk=max_risk,
+        coverage=coverage,
+        score=score,
+        batch_size=batch_size,
     )
     unsure = sum(r["disagreement"] > 0 for r in rows)
     print(f"wrote {len(rows)} predictions to {output}; members disagree on {unsure} of them")
+    if summary["temperature"] is not None:
+        print(f"probabilities temperature-scaled (ensemble T = {summary['temperature']:.3f})")
+    if "selective" in summary:
+        sel = summary["selective"]
+        print(
+            f"max risk {sel['max_risk']:g}: answering where p >= {sel['threshold']:.4f}; "
+            f"expected coverage {sel['expected_coverage']:.1%} (held-out risk "
+            f"{sel['holdout_risk']:.3f}); answered {sel['answered']} of {len(rows)}, "
+            f"abstained on {len(rows) - sel['answered']}"
+        )
+    if "conformal" in summary:
+        conf = summary["conformal"]
+        print(
+            f"{conf['score']} sets for {conf['coverage']:.0%} coverage: mean size "
+            f"{conf['mean_set_size']:.2f} options (q_hat {conf['q_hat']:.4f})"
+        )
+
+
+def calibrate(
+    run: str,
+    file: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: Precision = "auto",
+) -> None:
+    """Fit a trained run's temperatures (one per member, one for the ensemble) by held-out NLL.
+
+    Without --file, refits them on the held-out log-probs training saved (--data.calibrate
+    true or optim.patience). With --file, scores those labelled questions, which must not be
+    training questions of the run, and makes them the run's held-out set (also for
+    `predict --max_risk / --coverage`).
+
+    Args:
+        run: Run directory written by `loraens train`.
+        file: Labelled questions (JSONL, CSV or Parquet) held out from training.
+        batch_size: Questions per pass.
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+    """
+    from loraens.decisions.run import calibrate_run
+
+    record = calibrate_run(
+        run, file, batch_size=batch_size, device=device, precision=precision, progress=True
+    )
+    temps = ", ".join(f"{t:.3f}" for t in record.member_temperatures)
+    print(f"fitted on {record.questions} questions ({record.source})")
+    print(f"member temperatures: {temps}; ensemble: {record.ensemble_temperature:.3f}")
+    print("held-out NLL: " + ", ".join(f"{k} {v:.4f}" for k, v in record.holdout_nll.items()))
 
 
 def serve(
@@ -267,11 +353,11 @@ def ood(
         device: 'auto', 'cpu' or 'cuda[:N]'.
         precision: 'auto', 'fp32', 'bf16' or 'fp16'.
     """
-    from loraens.evaluation.ood import evaluate_run_ood
+    from loraens.decisions.run import ood_result
     from loraens.evaluation.tables import format_table
     from loraens.io import write_json_atomic
 
-    evaluated = evaluate_run_ood(
+    result = ood_result(
         run,
         ood_task,
         ood_file,
@@ -282,7 +368,7 @@ def ood(
         precision=precision,
         progress=True,
     )
-    name, result = evaluated.ood_set, evaluated.metrics
+    name = result["ood_set"]
     if "ood" in result:
         print(format_table(result["ood"], title=f"\nOOD set {name}: {result['n_ood']} questions"))
     auroc = result["auroc"]
@@ -290,6 +376,8 @@ def ood(
     for score, value in auroc["ensemble"].items():
         print(f"  ensemble, {score:<20}{value:.4f}")
     print(f"  single (mean), neg_max_prob   {auroc['single (mean)']['neg_max_prob']:.4f}")
+    for score, value in auroc.get("ensemble + TS", {}).items():
+        print(f"  ensemble + TS, {score:<15}{value:.4f}")
     if output:
         write_json_atomic(output, result)
 
@@ -465,6 +553,7 @@ def main(argv: list[str] | None = None) -> None:
             evaluate,
             predict,
             serve,
+            calibrate,
             few_shot,
             ood,
             ablate_size,

@@ -285,6 +285,24 @@ TASKS: dict[str, TaskSpec] = {
             eval_size=14042,
             reader=_mmlu_reader(list),
         ),
+        # BLoB's far-shift OOD sets for a model fine-tuned on obqa (Wang et al. 2024, Table 2;
+        # also Laplace-LoRA's): MMLU's college chemistry and college physics.
+        TaskSpec(
+            name="mmlu-chem",
+            description=f"MMLU college chemistry, 4 options (BLoB's far-OOD set); {_MMLU_SPLIT}",
+            paper_batch_size=8,
+            train_size=13,
+            eval_size=100,
+            reader=_mmlu_reader(_only(("college_chemistry",))),
+        ),
+        TaskSpec(
+            name="mmlu-phy",
+            description=f"MMLU college physics, 4 options (BLoB's far-OOD set); {_MMLU_SPLIT}",
+            paper_batch_size=8,
+            train_size=16,
+            eval_size=102,
+            reader=_mmlu_reader(_only(("college_physics",))),
+        ),
         TaskSpec(
             name="mmlu-not-ss",
             description=(

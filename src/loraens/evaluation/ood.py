@@ -182,6 +182,13 @@ class RunOOD:
     """The OOD task or file."""
     metrics: dict
     """What :func:`ood_metrics` returns."""
+    in_log_probs: np.ndarray | None = None
+    """(M, N_in, K) member log-probs on the in-distribution questions."""
+    ood_log_probs: np.ndarray | None = None
+    """(M, N_out, K') member log-probs on the OOD questions."""
+    in_labels: np.ndarray | None = None
+    ood_labels: np.ndarray | None = None
+    """The answers, where every question of the set has one."""
 
 
 def evaluate_run_ood(
@@ -206,12 +213,13 @@ def evaluate_run_ood(
     in_questions = load_run_data(data_cfg)[1]
     if ood_task is None and ood_file is None:
         ood_task = ood_partner(data_cfg.task)
-    ood_questions = questions_for(ood_task, ood_file, require_answer=False)
-    metrics = evaluate_ood(
-        load_run(run, device, precision),
-        subset(in_questions, limit, seed),
-        subset(ood_questions, limit, seed),
-        batch_size=batch_size,
-        progress=progress,
-    )
-    return RunOOD(str(ood_task or ood_file), metrics)
+    ood_questions = subset(questions_for(ood_task, ood_file, require_answer=False), limit, seed)
+    in_questions = subset(in_questions, limit, seed)
+    if not in_questions or not ood_questions:
+        raise ValueError("OOD evaluation needs at least one in-distribution and one OOD question.")
+    loaded = load_run(run, device, precision)
+    lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
+    lp_out = score_questions(loaded, ood_questions, batch_size=batch_size, progress=progress)
+    y_in, y_out = _labels(in_questions), _labels(ood_questions)
+    metrics = ood_metrics(lp_in, lp_out, y_out, y_in)
+    return RunOOD(str(ood_task or ood_file), metrics, lp_in, lp_out, y_in, y_out)

@@ -42,6 +42,7 @@ __all__ = [
     "ood_figure",
     "randomness_figure",
     "reliability_figure",
+    "risk_coverage_figure",
     "save_png",
     "training_curves_figure",
 ]
@@ -556,3 +557,35 @@ def _bar_limits(ax, bars: Sequence[Bar], metric: str) -> None:
     lo, hi = min(values), max(values)
     pad = max((hi - lo) * 0.3, 0.01 * max(abs(hi), 1e-3))
     ax.set_ylim(max(0.0, lo - pad), hi + pad)
+
+
+# ----------------------------------------------------------------------------- decisions
+
+_MODEL_STYLES = {
+    "single": ("#1f77b4", "--"),
+    "ensemble": ("#1f77b4", "-"),
+    "single + TS": ("#d62728", "--"),
+    "ensemble + TS": ("#d62728", "-"),
+}
+
+
+def risk_coverage_figure(
+    panels: Mapping[str, Mapping[str, tuple[np.ndarray, np.ndarray, float]]], footer: str
+) -> Figure:
+    """Risk–coverage curves, one panel per task: ``panels[task][model] = (coverage, risk,
+    AURC)``, models as in :data:`loraens.decisions.tables.MODELS`."""
+    # At least 6.5 inches in all, so the title fits above a single panel.
+    fig, axes = _grid(1, len(panels), max(4.0, 6.5 / len(panels)), 3.4)
+    for ax, (task, curves) in zip(axes[0], panels.items(), strict=True):
+        for model, (coverage, risk, area) in curves.items():
+            color, style = _MODEL_STYLES.get(model, ("#777777", ":"))
+            (line,) = ax.step(coverage, risk, where="post", color=color, ls=style, lw=1.4)
+            line.set_label(f"{model} (AURC {area:.3f})")
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("coverage (share answered)")
+        ax.set_ylabel("risk (error rate of the answered)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7, loc="upper left")
+        ax.grid(alpha=0.3)
+    return _finish(fig, "Risk–coverage: answer the most confident questions first", footer)

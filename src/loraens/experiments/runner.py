@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraens.experiments.spec import Cell, Experiment
+from loraens.io import write_json_atomic
 from loraens.rundir import CellRecord, RunDir
 
 log = logging.getLogger(__name__)
@@ -21,6 +22,12 @@ log = logging.getLogger(__name__)
 
 def cell_dir(root: Path, experiment: Experiment, cell: Cell) -> Path:
     return root / experiment.name / cell.task / cell.name / f"seed-{cell.seed}"
+
+
+def _ood_done(experiment: Experiment, cell: Cell, folder: Path) -> bool:
+    if cell.kind == "few_shot":
+        return True
+    return all(RunDir(folder).ood_result(t).exists() for t in experiment.ood_eval.tasks)
 
 
 def cell_status(folder: Path, cell: Cell) -> str:
@@ -79,6 +86,20 @@ def _run_few_shot(cell: Cell, folder: Path) -> None:
     run.write_few_shot(scores.result)  # last: marks the cell complete
 
 
+def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
+    """Score a finished training cell on the experiment's ood_eval sets (those not yet done),
+    with the "+ TS" figures when the run is calibrated."""
+    from loraens.decisions.run import ood_result
+
+    run = RunDir(folder)
+    for task in experiment.ood_eval.tasks:
+        if run.ood_result(task).exists():
+            continue
+        log.info("%s: OOD evaluation on %s", cell.key, task)
+        result = ood_result(folder, task, limit=experiment.ood_eval.limit, seed=cell.seed)
+        write_json_atomic(run.ood_result(task), result)
+
+
 def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:
     """Run ``cells`` (a selection of the experiment's) in order; return what happened to each."""
     outcomes = []
@@ -86,7 +107,7 @@ def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> lis
         folder = cell_dir(root, experiment, cell)
         label = f"[{index}/{len(cells)}] {cell.key}"
         status = cell_status(folder, cell)
-        if status == "done":
+        if status == "done" and _ood_done(experiment, cell, folder):
             if not RunDir(folder).cell.exists():  # finished, then stopped before tagging
                 RunDir(folder).write_cell(_cell_record(experiment, cell))
             log.info("%s: already complete, skipped", label)
@@ -99,6 +120,7 @@ def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> lis
                 _run_few_shot(cell, folder)
             else:
                 _run_training(cell, folder)
+                _run_ood_eval(experiment, cell, folder)
         except KeyboardInterrupt:
             raise KeyboardInterrupt(
                 f"Interrupted in cell {cell.key}. Rerun the same `loraens experiment` command to "

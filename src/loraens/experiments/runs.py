@@ -213,13 +213,19 @@ class Run:
         """Every evaluated epoch's unrounded log-probs were saved (runs since Fig. 6 per epoch)."""
         return RunDir(self.path).eval_log_probs.is_file()
 
+    @property
+    def is_calibrated(self) -> bool:
+        """Temperatures and held-out log-probs were saved (data.calibrate or optim.patience)."""
+        run = RunDir(self.path)
+        return run.calibration.is_file() and run.holdout_log_probs.is_file()
+
     def table(self, which: str) -> dict[str, float]:
         """The summary's "single (mean)" or "ensemble (M=...)" row."""
         table = self.summary.table
         key = (
             "single (mean)"
             if which == "single"
-            else next((k for k in table if k.startswith("ensemble")), "")
+            else next((k for k in table if k.startswith("ensemble (")), "")
         )
         return {m: float(v) for m, v in table.get(key, {}).items()}
 

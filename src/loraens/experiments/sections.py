@@ -17,6 +17,7 @@ How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the re
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections import defaultdict
@@ -28,6 +29,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from loraens.config import OptimConfig
+from loraens.decisions.selective import risk_coverage
+from loraens.decisions.stored import read_decisions
+from loraens.decisions.tables import DECISION_COLUMNS, decision_rows, variants
 from loraens.evaluation.metrics import ensemble_log_probs, reliability_bins, summarize
 from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
@@ -49,7 +53,13 @@ from loraens.experiments.size_ablation import (
     read_epoch_pools,
     read_prediction_pool,
 )
-from loraens.rundir.layout import EVAL_LOG_PROBS_FILE, PREDICTIONS_FILE
+from loraens.rundir import RunDir
+from loraens.rundir.layout import (
+    CALIBRATION_FILE,
+    EVAL_LOG_PROBS_FILE,
+    HOLDOUT_LOG_PROBS_FILE,
+    PREDICTIONS_FILE,
+)
 
 __all__ = ["SECTIONS", "Panel", "SectionSpec"]
 
@@ -604,6 +614,96 @@ def _decay_rows(task: str, name: str, strength: float, s: Setting) -> list[dict]
     ]
 
 
+# ----------------------------------------------------------------------------- decisions
+
+DECISION_COVERAGE = 0.9  # target of the conformal sets in the table
+
+
+def _calibrated_run(rs: RunSet, task: str) -> Run | None:
+    """The reference run when it is calibrated, else the first calibrated LoRA run."""
+    ref = rs.reference(task)
+    runs = [r for r in rs.train if r.task == task and r.method != "last_layer"]
+    runs.sort(key=lambda r: (ref is None or r not in ref.runs, r.seed, str(r.path)))
+    return next((r for r in runs if r.is_calibrated and r.has_eval_log_probs), None)
+
+
+def _decisions(rs: RunSet, task: str) -> Panel:
+    run = _calibrated_run(rs, task)
+    if run is None:
+        return Panel(
+            missing=[
+                f"a LoRA run trained with data.calibrate (its {CALIBRATION_FILE}, "
+                f"{HOLDOUT_LOG_PROBS_FILE} and {EVAL_LOG_PROBS_FILE})"
+            ]
+        )
+    try:
+        decided = read_decisions(run.path)
+        evals = RunDir(run.path).read_eval_log_probs()
+    except (OSError, ValueError) as error:
+        log.warning("cannot read the decision files of %s: %s", run.path, error)
+        return Panel(runs=[run], missing=["readable calibration files"])
+    # The adapters kept (the best epoch under patience), else the last evaluated epoch.
+    kept = run.summary.epoch_kept
+    epoch = kept if kept is not None and kept in evals.epochs else evals.epochs[-1]
+    lp = evals.at(epoch)
+    labels = np.asarray(evals.labels)
+    curves = {}
+    for model, arrays in variants(lp, decided.temperatures).items():
+        x = arrays[0]  # single models: member 0, as in the reliability diagrams
+        correct = x.argmax(axis=1) == labels
+        curve = risk_coverage(np.exp(x.max(axis=1)), correct)
+        area = float(np.sum(curve.risk * np.diff(np.concatenate([[0.0], curve.coverage]))))
+        curves[model] = (curve.coverage, curve.risk, area)
+    rows = decision_rows(
+        lp,
+        labels,
+        decided.temperatures,
+        decided.holdout_log_probs,
+        decided.holdout_labels,
+        coverage=DECISION_COVERAGE,
+    )
+    csv_rows = [{"task": task, "run": rs.relative(run.path), "epoch": epoch, **row} for row in rows]
+    return Panel(curves, runs=[run], rows=csv_rows)
+
+
+def _ood_decisions(rs: RunSet, task: str) -> Panel:
+    """Every OOD evaluation a calibrated run of the task carries (experiments' ood_eval)."""
+    rows, runs = [], []
+    for run in rs.train:
+        if run.task != task:
+            continue
+        for path in RunDir(run.path).ood_results():
+            try:
+                result = json.loads(path.read_text())
+            except (OSError, ValueError) as error:
+                log.warning("cannot read %s: %s", path, error)
+                continue
+            runs.append(run)
+            auroc = result.get("auroc", {})
+            detection = {
+                "single (mean)": auroc.get("single (mean)", {}),
+                "ensemble": auroc.get("ensemble", {}),
+                "ensemble + TS": auroc.get("ensemble + TS", {}),
+            }
+            for model, values in result.get("ood", {}).items():
+                if model == "single (std)":
+                    continue
+                key = "ensemble" if model.startswith("ensemble (") else model
+                rows.append(
+                    {
+                        "task": task,
+                        "ood_set": result.get("ood_set", path.stem),
+                        "run": rs.relative(run.path),
+                        "model": model,
+                        **{m: values.get(m) for m in ("accuracy", "nll", "ece")},
+                        "auroc": detection.get(key, {}).get("neg_max_prob"),
+                    }
+                )
+    if not rows:
+        return Panel(missing=["runs with OOD evaluations (an experiment's ood_eval)"])
+    return Panel(None, runs=sorted(set(runs), key=lambda r: str(r.path)), rows=rows)
+
+
 # ----------------------------------------------------------------------------- the page's order
 
 SECTIONS: tuple[SectionSpec, ...] = (
@@ -738,5 +838,34 @@ SECTIONS: tuple[SectionSpec, ...] = (
         csv="decay_target.csv",
         columns=("task", "decay_on", "weight_decay", "seeds", "epoch")
         + tuple(f"{which}_{m}" for which in ("ensemble", "single") for m in DECAY_METRICS),
+    ),
+    SectionSpec(
+        key="risk-coverage",
+        title="Decisions: risk–coverage, temperature scaling and conformal answer sets",
+        look_for="Curves lower and flatter are better: answering only the most confident "
+        "questions should cut the error rate fast. TS leaves accuracy alone but should lower "
+        "NLL and ECE; conformal sets should cover about 90% of the eval questions, the smaller "
+        "the better.",
+        panel=_decisions,
+        draw=figures.risk_coverage_figure,
+        image="fig-risk-coverage.png",
+        caption="Risk (error rate of the answered) against coverage when answering by max p, "
+        "from the eval log-probs of the adapters kept; single: member 0 (the table averages "
+        "all members). TS: temperatures fitted on the run's held-out training questions "
+        f"({CALIBRATION_FILE}); conformal sets: split conformal (LAC score) at "
+        f"{DECISION_COVERAGE:.0%} target coverage, calibrated on the same held-out questions. "
+        "Numbers in decisions.csv.",
+        csv="decisions.csv",
+        columns=("task", "run", "epoch", "model", *DECISION_COLUMNS),
+    ),
+    SectionSpec(
+        key="ood-decisions",
+        title="OOD under shift: single vs ensemble vs temperature scaling (BLoB's protocol)",
+        look_for="Under near and far shift the ensemble should keep lower NLL and ECE than its "
+        "members; temperatures fitted in-distribution may help less out of it. AUROC: how "
+        "well −max p tells the OOD questions from the run's own eval questions.",
+        panel=_ood_decisions,
+        csv="ood_decisions.csv",
+        columns=("task", "ood_set", "run", "model", "accuracy", "nll", "ece", "auroc"),
     ),
 )

@@ -8,6 +8,9 @@ base:                           # TrainConfig sections shared by every training 
 tasks: [cqa, obqa]
 seeds: [0]
 ood: paper                      # score the paper's OOD partner every epoch (or {task: ood})
+ood_eval:                       # after training, score these tasks' eval splits as OOD sets
+  tasks: [arcc, mmlu-chem]      # (OUT/.../seed-<s>/ood/<task>.json, `loraens ood` figures,
+  limit: 200                    #  with "+ TS" rows when the run is calibrated)
 cells:
   none: {}
   kl: {optim.kl_beta: [0.01, 0.05]}        # a list expands: kl-kl_beta=0.01, kl-kl_beta=0.05
@@ -37,7 +40,7 @@ from loraens.data.tasks import TASKS
 from loraens.evaluation.ood import OOD_PAIRS
 
 _FEW_SHOT_KEYS = {"k", "draws", "max_length"}
-_TOP_KEYS = {"name", "description", "base", "tasks", "seeds", "ood", "cells"}
+_TOP_KEYS = {"name", "description", "base", "tasks", "seeds", "ood", "ood_eval", "cells"}
 
 
 @dataclass(frozen=True)
@@ -61,10 +64,20 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class OODEval:
+    """Tasks whose eval splits every finished training cell is scored on afterwards."""
+
+    tasks: tuple[str, ...] = ()
+    limit: int | None = None
+    """At most this many questions of each set (and of the cell's own eval split)."""
+
+
+@dataclass(frozen=True)
 class Experiment:
     name: str
     description: str
     cells: list[Cell]
+    ood_eval: OODEval = field(default_factory=OODEval)
 
 
 class ExperimentError(ValueError):
@@ -121,6 +134,17 @@ def _ood_tasks(path: Path, ood: Any) -> dict[str, str]:
     if isinstance(ood, dict):
         return {str(k): str(v) for k, v in ood.items()}
     raise _fail(path, "ood", f"expected 'paper' or a mapping task -> OOD task, got {ood!r}")
+
+
+def _ood_eval(path: Path, value: Any) -> OODEval:
+    if value is None:
+        return OODEval()
+    if not isinstance(value, dict) or set(value) - {"tasks", "limit"} or "tasks" not in value:
+        raise _fail(path, "ood_eval", f"expected {{tasks: [...], limit: N}}, got {value!r}")
+    limit = value.get("limit")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise _fail(path, "ood_eval", f"limit must be a whole number >= 1, got {limit!r}")
+    return OODEval(tuple(_check_tasks(path, "ood_eval: tasks", value["tasks"])), limit)
 
 
 def _check_tasks(path: Path, where: str, tasks: list) -> list[str]:
@@ -192,7 +216,12 @@ def load_experiment(path: str | Path) -> Experiment:
     duplicates = {c.key for c in cells if sum(d.key == c.key for d in cells) > 1}
     if duplicates:
         raise ExperimentError(f"{path}: cells with the same name: {sorted(duplicates)}")
-    return Experiment(str(spec["name"]), str(spec.get("description", "")), cells)
+    return Experiment(
+        str(spec["name"]),
+        str(spec.get("description", "")),
+        cells,
+        _ood_eval(path, spec.get("ood_eval")),
+    )
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:

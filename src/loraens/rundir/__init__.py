@@ -9,9 +9,16 @@ This package sits below :mod:`loraens.training`, :mod:`loraens.evaluation` and
 from loraens.io import read_jsonl
 from loraens.rundir.layout import RunDir
 from loraens.rundir.log_probs import EvalLogProbs
-from loraens.rundir.records import CellRecord, FewShotResult, RecordError, RunSummary
+from loraens.rundir.records import (
+    CalibrationRecord,
+    CellRecord,
+    FewShotResult,
+    RecordError,
+    RunSummary,
+)
 
 __all__ = [
+    "CalibrationRecord",
     "CellRecord",
     "EvalLogProbs",
     "FewShotResult",

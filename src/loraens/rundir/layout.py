@@ -4,6 +4,10 @@ config.yaml              the resolved configuration (:class:`~loraens.config.Tra
 metrics.jsonl            one row per (epoch, split, member | "ensemble")
 predictions.jsonl        per question: every member's p_T, the ensemble's, the label
 eval_log_probs.safetensors  every member's unrounded eval log p_T at every evaluated epoch
+holdout_log_probs.safetensors  every member's log p_T on the held-out training questions (the
+                         adapters kept), with data.calibrate or optim.patience; same format
+calibration.json         temperatures fitted on them (:class:`CalibrationRecord`)
+ood/<set>.json           an OOD evaluation of the run (an experiment's ood_eval)
 members/member-XX/       each member as a PEFT adapter folder
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
@@ -34,6 +38,7 @@ from loraens.config import TrainConfig
 from loraens.io import write_text_atomic
 from loraens.rundir.log_probs import EvalLogProbs, read_eval_log_probs, write_eval_log_probs
 from loraens.rundir.records import (
+    CalibrationRecord,
     CellRecord,
     FewShotResult,
     RunSummary,
@@ -45,10 +50,13 @@ CONFIG_FILE = "config.yaml"
 METRICS_FILE = "metrics.jsonl"
 PREDICTIONS_FILE = "predictions.jsonl"
 EVAL_LOG_PROBS_FILE = "eval_log_probs.safetensors"
+HOLDOUT_LOG_PROBS_FILE = "holdout_log_probs.safetensors"
+CALIBRATION_FILE = "calibration.json"
 SUMMARY_FILE = "summary.json"
 FEW_SHOT_FILE = "few_shot.json"
 CELL_FILE = "cell.json"
 PROVENANCE_FILE = "provenance.json"
+OOD_DIR = "ood"
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
 CARD_FILE = "README.md"
@@ -83,6 +91,14 @@ class RunDir:
     @property
     def eval_log_probs(self) -> Path:
         return self.root / EVAL_LOG_PROBS_FILE
+
+    @property
+    def holdout_log_probs(self) -> Path:
+        return self.root / HOLDOUT_LOG_PROBS_FILE
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION_FILE
 
     @property
     def summary(self) -> Path:
@@ -129,6 +145,13 @@ class RunDir:
     def export_manifest(self) -> Path:
         return self.root / EXPORT_MANIFEST_FILE
 
+    def ood_result(self, ood_set: str) -> Path:
+        """The JSON of the run's OOD evaluation on ``ood_set`` (a task name)."""
+        return self.root / OOD_DIR / f"{ood_set}.json"
+
+    def ood_results(self) -> list[Path]:
+        return sorted((self.root / OOD_DIR).glob("*.json"))
+
     def member(self, m: int) -> Path:
         return self.root / MEMBERS_DIR / f"member-{m:02d}"
 
@@ -174,6 +197,24 @@ class RunDir:
 
     def read_eval_log_probs(self) -> EvalLogProbs:
         return read_eval_log_probs(self.eval_log_probs)
+
+    def write_holdout_log_probs(
+        self, epoch: int, member_log_probs: ArrayLike, labels: ArrayLike
+    ) -> None:
+        """Record the (M, N, K) log-probs of the held-out questions used for calibration."""
+        write_eval_log_probs(self.holdout_log_probs, epoch, member_log_probs, labels)
+
+    def read_holdout_log_probs(self) -> EvalLogProbs:
+        return read_eval_log_probs(self.holdout_log_probs)
+
+    def read_calibration(self) -> CalibrationRecord | None:
+        """The run's fitted temperatures; None for a run never calibrated."""
+        if not self.calibration.is_file():
+            return None
+        return read_record(CalibrationRecord, self.calibration)
+
+    def write_calibration(self, record: CalibrationRecord) -> None:
+        write_record(record, self.calibration)
 
     def read_summary(self) -> RunSummary:
         return read_record(RunSummary, self.summary)

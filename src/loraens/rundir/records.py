@@ -9,9 +9,10 @@ about the rest: a missing or mistyped field fails naming the file and the field.
 from __future__ import annotations
 
 import json
+import math
 import types
 import typing
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,7 +55,10 @@ def record_from_dict(cls: type[R], data: Any, source: str | Path) -> R:
                 f"got {data[f.name]!r}."
             )
         values[f.name] = data[f.name]
-    return cls(**values)
+    try:
+        return cls(**values)
+    except ValueError as err:  # a record's own checks (__post_init__) on values of the right type
+        raise RecordError(f"{source}: {err}") from None
 
 
 def _type_name(hint: Any) -> str:
@@ -123,3 +127,34 @@ class CellRecord:
     cell: str = ""
     seed: int | None = None
     kind: str = "train"
+
+
+@dataclass
+class CalibrationRecord:
+    """calibration.json: temperatures fitted on held-out questions (the questions' member
+    log-probs are in holdout_log_probs.safetensors; selective and conformal thresholds are
+    chosen from them when asked, as they depend on the target)."""
+
+    member_temperatures: list[float]
+    """One T per member, in member order (MC dropout: per stochastic pass)."""
+    ensemble_temperature: float
+    """T of the members' averaged distribution."""
+    questions: int
+    """Held-out questions the temperatures were fitted on."""
+    source: str
+    """Where they came from: "training hold-out" or the questions file given to calibrate."""
+    holdout_nll: dict[str, float] = field(default_factory=dict)
+    """Held-out NLL before and after scaling ("single", "single + TS", "ensemble", ...)."""
+
+    def __post_init__(self):
+        temperatures = [*self.member_temperatures, self.ensemble_temperature]
+        if not self.member_temperatures or not all(
+            isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+            for t in temperatures
+        ):
+            raise ValueError(
+                f"temperatures must be finite numbers > 0, got members "
+                f"{self.member_temperatures!r} and ensemble {self.ensemble_temperature!r}."
+            )
+        if self.questions < 1:
+            raise ValueError(f"questions must be >= 1, got {self.questions}.")

@@ -30,6 +30,8 @@ from loraens.data.sources import (
     load_run_data,
     split_holdout,
 )
+from loraens.decisions.stored import HOLDOUT_SOURCE, write_calibration
+from loraens.decisions.tables import temperature_table
 from loraens.distributed import Dist, env_world_size, launch
 from loraens.evaluation.inference import score_members
 from loraens.evaluation.ood import detection_rows
@@ -236,7 +238,7 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSe
     runtime, weights_dtype, base = _load_model(cfg, dist)
     train_qs, eval_qs = load_run_data(cfg.data)
     holdout_qs: list[Question] = []
-    if cfg.optim.patience is not None:
+    if cfg.optim.patience is not None or cfg.data.calibrate:
         train_qs, holdout_qs = split_holdout(
             train_qs, cfg.optim.holdout_fraction, cfg.data.subset_seed
         )
@@ -325,8 +327,11 @@ def _train_lora(s: _Setup, extra: _ExtraSets) -> TrainResult:
         member_log_probs = None
     if member_log_probs is None:  # resumed after the last epoch, or restored the best epoch
         member_log_probs = fit.evaluate(s.eval_set)
+    holdout = None
+    if len(extra.holdout):  # calibration: the kept adapters on the held-out questions
+        holdout = (fit.evaluate(extra.holdout), np.asarray(extra.holdout.labels))
     _save_members(s, fit)
-    return _finish(s, fit.state, member_log_probs)
+    return _finish(s, fit.state, member_log_probs, holdout)
 
 
 def _build(s: _Setup) -> _Fit:
@@ -514,15 +519,25 @@ def _ood_rows(
 # ----------------------------------------------------------------------------- both paths
 
 
-def _finish(s: _Setup, state: TrainState, member_log_probs: np.ndarray) -> TrainResult:
+def _finish(
+    s: _Setup,
+    state: TrainState,
+    member_log_probs: np.ndarray,
+    holdout: tuple[np.ndarray, np.ndarray] | None = None,
+) -> TrainResult:
     run, runtime, dist = s.run, s.runtime, s.dist
     # From the adapters actually saved (the best epoch under optim.patience, else the last).
     labels = np.asarray([q.answer for q in s.eval_qs])
     table = single_vs_ensemble(metric_rows(member_log_probs, labels))
+    epoch_kept = state.best_epoch or state.epochs_done
+    if holdout is not None:
+        # Rank 0 fits and writes them; on_main hands every rank the same temperatures.
+        temps = dist.on_main(lambda: write_calibration(run, epoch_kept, *holdout, HOLDOUT_SOURCE))
+        table |= temperature_table(member_log_probs, labels, temps)
     summary = RunSummary(
         method=s.cfg.ensemble.method,
         epochs_trained=state.epochs_done,
-        epoch_kept=state.best_epoch or state.epochs_done,
+        epoch_kept=epoch_kept,
         table=table,
         train_questions=state.n_train,
         eval_questions=len(s.eval_qs),
@@ -588,6 +603,11 @@ def _train_last_layer(s: _Setup) -> TrainResult:
     )
     state.train_seconds = time.perf_counter() - tick
     state.epochs_done = cfg.optim.epochs
+    if cfg.data.calibrate:
+        log.warning(
+            "data.calibrate: last-layer runs are not calibrated yet (no held-out scoring); "
+            "the held-out questions were only left out of training."
+        )
     for m in range(ensemble.n_members):
         save_last_layer_member(ensemble, m, run.member(m))
     return _finish(s, state, final["log_probs"])

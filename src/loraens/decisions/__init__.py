@@ -1,0 +1,9 @@
+"""Decisions from calibrated probabilities: temperature scaling, selective prediction (answer or
+abstain) and conformal answer sets, fitted on questions held out from training.
+
+Modules: :mod:`.temperature`, :mod:`.selective`, :mod:`.conformal` (numpy only, on any
+(log-probs, labels)); :mod:`.tables` (the single / ensemble / + TS models side by side);
+:mod:`.run` (a run directory's calibration, used by ``evaluate``, ``predict``, ``ood`` and
+``calibrate``). This package sits above :mod:`loraens.evaluation` and below
+:mod:`loraens.training`, :mod:`loraens.experiments` and the CLI.
+"""
