@@ -39,7 +39,10 @@ from loraens.rundir.load import LoadedEnsemble, load_run
 __all__ = [
     "HOLDOUT_SOURCE",
     "RunDecisions",
+    "apply_decisions",
     "calibrate_run",
+    "calibrated_ensemble",
+    "check_decisions",
     "evaluate_with_decisions",
     "fit_calibration",
     "ood_result",
@@ -117,7 +120,8 @@ def evaluate_with_decisions(
     return rows, table, decided
 
 
-def _calibrated_ensemble(lp: np.ndarray, temps: Temperatures | None) -> np.ndarray:
+def calibrated_ensemble(lp: np.ndarray, temps: Temperatures | None) -> np.ndarray:
+    """(N, K) log-probs of the ensemble, temperature-scaled when ``temps`` is given."""
     return ensemble_log_probs(lp) if temps is None else temps.ensemble_scaled(lp)
 
 
@@ -133,35 +137,65 @@ def predict_with_decisions(
     batch_size: int = 32,
     progress: bool = True,
 ) -> tuple[list[dict], dict]:
-    """:func:`~loraens.evaluation.predictions.answer_rows` plus, from the run's held-out
-    questions: ``calibrated_probs`` (the ensemble + TS, when calibrated; ``probability`` is
-    then its top probability), ``abstain`` (with ``max_risk``) and ``prediction_set`` (with
-    ``coverage``). Returns the rows and a summary (threshold, expected coverage, ...)."""
+    """:func:`~loraens.evaluation.predictions.answer_rows` with :func:`apply_decisions`,
+    written to ``output``. Returns the rows and the decisions' summary."""
+    check_decisions(decisions, max_risk, coverage)
+    lp = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
+    rows = answer_rows(list(questions), lp)
+    ensemble = calibrated_ensemble(lp, decisions.temperatures)
+    summary = apply_decisions(
+        rows, questions, ensemble, decisions, max_risk=max_risk, coverage=coverage, score=score
+    )
+    write_jsonl_atomic(output, rows)
+    return rows, summary
+
+
+def check_decisions(
+    decisions: RunDecisions, max_risk: float | None, coverage: float | None
+) -> None:
+    """Refuse ``max_risk``/``coverage`` for a run without held-out questions to choose them on."""
     if (max_risk is not None or coverage is not None) and not decisions.has_holdout:
         raise ValueError(
             "--max_risk and --coverage are chosen on the run's held-out questions, which this "
             "run lacks: run `loraens calibrate RUN --file LABELLED.jsonl` first (or train with "
             "--data.calibrate true)."
         )
-    lp = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
-    rows = answer_rows(list(questions), lp)
+
+
+def apply_decisions(
+    rows: list[dict],
+    questions: Sequence[Question],
+    ensemble: np.ndarray,
+    decisions: RunDecisions,
+    *,
+    max_risk: float | None = None,
+    coverage: float | None = None,
+    score: Score = "lac",
+) -> dict:
+    """Add to each answer row, from the run's held-out questions: ``calibrated_probs`` (the
+    ensemble + TS, when calibrated; ``probability`` is then its top probability), ``abstain``
+    (with ``max_risk``) and ``prediction_set`` (with ``coverage``). ``ensemble`` is
+    :func:`calibrated_ensemble` of the rows' questions. Returns a summary (temperature,
+    threshold, expected coverage, ...). `predict` and `serve` both decide here."""
+    check_decisions(decisions, max_risk, coverage)
     temps = decisions.temperatures
-    ens = _calibrated_ensemble(lp, temps)
     summary: dict = {
         "questions": len(rows),
         "temperature": None if temps is None else temps.ensemble,
     }
     if temps is not None:
-        for row, x in zip(rows, np.exp(ens), strict=True):
+        for row, x in zip(rows, np.exp(ensemble), strict=True):
             k = len(row["ensemble_probs"])
             row["calibrated_probs"] = x[:k].round(6).tolist()
             row["probability"] = row["calibrated_probs"][row["prediction"]]
+    if max_risk is None and coverage is None:
+        return summary
+    assert decisions.holdout_log_probs is not None and decisions.holdout_labels is not None
+    held = calibrated_ensemble(decisions.holdout_log_probs, temps)
     if max_risk is not None:
-        assert decisions.holdout_log_probs is not None and decisions.holdout_labels is not None
-        held = _calibrated_ensemble(decisions.holdout_log_probs, temps)
         correct = held.argmax(axis=1) == decisions.holdout_labels
         chosen: SelectiveThreshold = choose_threshold(max_prob(held), correct, max_risk)
-        confidence = max_prob(ens)
+        confidence = max_prob(ensemble)
         for row, c in zip(rows, confidence, strict=True):
             row["abstain"] = bool(c < chosen.threshold)
         summary["selective"] = {
@@ -172,9 +206,7 @@ def predict_with_decisions(
             "answered": int(sum(not r["abstain"] for r in rows)),
         }
     if coverage is not None:
-        assert decisions.holdout_log_probs is not None and decisions.holdout_labels is not None
-        held = _calibrated_ensemble(decisions.holdout_log_probs, temps)
-        sets = conformal_sets(held, decisions.holdout_labels, ens, coverage, score)
+        sets = conformal_sets(held, decisions.holdout_labels, ensemble, coverage, score)
         for row, q, member in zip(rows, questions, sets.sets, strict=True):
             chosen_options = [int(k) for k in np.flatnonzero(member[: len(q.choices)])]
             row["prediction_set"] = {
@@ -187,8 +219,7 @@ def predict_with_decisions(
             "q_hat": sets.q_hat,
             "mean_set_size": sets.mean_size,
         }
-    write_jsonl_atomic(output, rows)
-    return rows, summary
+    return summary
 
 
 def ood_with_temperature(result: RunOOD, temps: Temperatures) -> dict:

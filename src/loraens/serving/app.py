@@ -13,8 +13,9 @@ from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request, Response
 
-from loraens.data.prompts import encode_text, format_prompt
+from loraens.data.prompts import PromptTooLongError
 from loraens.data.records import Question
+from loraens.decisions.run import RunDecisions, read_decisions
 from loraens.provenance import library_versions
 from loraens.rundir.layout import RunDir
 from loraens.rundir.load import LoadedEnsemble, load_run
@@ -58,6 +59,7 @@ async def _until_disconnected(request: Request) -> None:
 
 def _info(loaded: LoadedEnsemble, run: RunDir, settings: ServeSettings) -> Info:
     cfg = run.read_config()
+    calibration = run.read_calibration()
     provenance = json.loads(run.provenance.read_text()) if run.provenance.is_file() else None
     dtype = loaded.runtime.autocast_dtype
     return Info(
@@ -69,7 +71,7 @@ def _info(loaded: LoadedEnsemble, run: RunDir, settings: ServeSettings) -> Info:
         device=str(loaded.runtime.device),
         precision="fp32" if dtype is None else str(dtype).removeprefix("torch."),
         batching=asdict(settings),
-        calibration=None,
+        calibration=None if calibration is None else asdict(calibration),
         versions={**library_versions(), **library_versions(_SERVER_PACKAGES)},
         provenance=provenance,
     )
@@ -79,8 +81,12 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
     """An app answering with ``loaded``; its batcher starts and drains with the app's life."""
     run = RunDir(Path(run_dir))
     info = _info(loaded, run, settings)
+    decisions: RunDecisions = read_decisions(run.root)
     predictor = Predictor(
-        loaded, batch_size=settings.batch_size, members_per_pass=1 if settings.naive else None
+        loaded,
+        decisions,
+        batch_size=settings.batch_size,
+        members_per_pass=1 if settings.naive else None,
     )
     batcher = Batcher(
         predictor,
@@ -89,7 +95,6 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
         max_pending=settings.max_queue,
         gather=not settings.naive,
     )
-    tokenizer = loaded.base.tokenizer
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -122,16 +127,15 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
                 raise too_large(
                     f"questions.{i}: {size} characters, more than {settings.max_question_chars}."
                 )
+            qid = str(i) if q.id is None else str(q.id)
+            question = Question(qid, q.question, tuple(q.choices), None)
             # A long question text is shortened as in predict; choices that alone exceed the
             # run's max_length cannot be scored at all.
-            bare = len(encode_text(tokenizer, format_prompt("…", q.choices)))
-            if bare > loaded.max_length:
-                raise too_large(
-                    f"questions.{i}.choices: the choices alone take {bare} tokens, more than the "
-                    f"run's max_length of {loaded.max_length}."
-                )
-            qid = str(i) if q.id is None else str(q.id)
-            questions.append(Question(qid, q.question, tuple(q.choices), None))
+            try:
+                predictor.check_length(question)
+            except PromptTooLongError as err:
+                raise too_large(f"questions.{i}.choices: {err}") from err
+            questions.append(question)
         return questions
 
     @app.post(
@@ -146,6 +150,13 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
         """Answer one or more questions: the predicted option, the ensemble's and every
         member's probabilities, disagreement, entropy and mutual information."""
         questions = questions_of(request)
+        for field in ("max_risk", "coverage"):
+            if getattr(request, field) is not None and not decisions.has_holdout:
+                raise HTTPException(
+                    status_code=422,
+                    detail=f"{field}: chosen on the run's held-out questions, which this run "
+                    f"lacks; run `loraens calibrate RUN --file LABELLED.jsonl` first.",
+                )
         try:
             future = batcher.submit(questions)
         except (QueueFull, Closed) as err:
@@ -164,6 +175,10 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
             answered.cancel()
             return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
         rows: list[dict[str, Any]] = answered.result()
+        predictor.decide(
+            rows, questions, max_risk=request.max_risk, coverage=request.coverage,
+            score=request.score,
+        )  # fmt: skip
         return PredictResponse(model=info.model, answers=[Answer(**row) for row in rows])
 
     @app.get("/health")

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from loraens.config import ModelConfig
 from loraens.data.prompts import PromptTooLongError, encode_questions
 from loraens.data.records import Question
+from loraens.decisions.run import RunDecisions, apply_decisions, calibrated_ensemble
 from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.predictions import answer_rows
 from loraens.rundir.load import LoadedEnsemble
+
+ENSEMBLE_KEY = "_ensemble_log_probs"
 
 
 @dataclass
@@ -22,6 +27,7 @@ class Predictor:
     """
 
     loaded: LoadedEnsemble
+    decisions: RunDecisions | None = None
     batch_size: int = 32
     members_per_pass: int | None = None
 
@@ -32,15 +38,35 @@ class Predictor:
             batch_size=self.batch_size,
             members_per_pass=self.members_per_pass,
         )
-        return self.decide(answer_rows(questions, member_log_probs), member_log_probs)
-
-    def decide(self, rows: list[dict], member_log_probs) -> list[dict]:
-        """Calibration hook: a calibrated run fills each row's ``calibrated_probs`` (and, on
-        request, ``abstain`` and ``prediction_set``) here, from the unrounded log-probs.
-
-        Uncalibrated runs answer the rows as they are: those fields stay absent (null).
-        """
+        rows = answer_rows(questions, member_log_probs)
+        if self.decisions is not None:
+            ensemble = calibrated_ensemble(member_log_probs, self.decisions.temperatures)
+            apply_decisions(rows, questions, ensemble, self.decisions)
+            # Unrounded, for the request's own max_risk / coverage (see decide); never sent.
+            for row, x in zip(rows, ensemble, strict=True):
+                row[ENSEMBLE_KEY] = x
         return rows
+
+    def decide(
+        self,
+        rows: list[dict],
+        questions: list[Question],
+        *,
+        max_risk: float | None = None,
+        coverage: float | None = None,
+        score: str = "lac",
+    ) -> None:
+        """A request's abstention and conformal sets, exactly as `loraens predict` decides
+        them; drops the rows' internal log-probs either way."""
+        ensemble = [row.pop(ENSEMBLE_KEY, None) for row in rows]
+        if max_risk is None and coverage is None:
+            return
+        if self.decisions is None:
+            raise ValueError("this run has no calibration (held-out questions)")
+        apply_decisions(
+            rows, questions, np.stack(ensemble), self.decisions,
+            max_risk=max_risk, coverage=coverage, score=score,  # type: ignore[arg-type]
+        )  # fmt: skip
 
     def check_length(self, q: Question) -> None:
         """Raise PromptTooLongError when a question cannot be scored at the run's max_length

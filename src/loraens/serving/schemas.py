@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -52,6 +52,29 @@ class PredictRequest(BaseModel):
     )
 
     questions: list[QuestionIn] = Field(min_length=1, description="One or more questions.")
+    max_risk: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Mark each answer abstain: true/false, answering where the (calibrated) "
+        "ensemble's top probability reaches the threshold whose error rate on the run's "
+        "held-out questions is at most this. Needs a calibrated run.",
+    )
+    coverage: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Add prediction_set to every answer: split conformal answer sets that hold "
+        "the right answer with at least this probability. Needs a calibrated run.",
+    )
+    score: Literal["lac", "aps"] = Field(
+        "lac", description="Conformal score: lac (smallest sets) or aps (adaptive, never empty)."
+    )
+
+
+class PredictionSet(BaseModel):
+    letters: list[str]
+    texts: list[str]
 
 
 class Answer(BaseModel):
@@ -69,11 +92,15 @@ class Answer(BaseModel):
     )
     ensemble_probs: list[float] = Field(description="Mean of the members' probabilities.")
     member_probs: list[list[float]] = Field(description="Every member's probabilities.")
-    # Filled only by a calibrated run (temperature scaling, abstention, conformal sets); absent
-    # otherwise, so clients can feature-test them.
-    calibrated_probs: list[float] | None = None
-    abstain: bool | None = None
-    prediction_set: list[int] | None = None
+    # Filled only by a calibrated run (temperature scaling; abstention and conformal sets on
+    # request); null otherwise, so clients can feature-test them.
+    calibrated_probs: list[float] | None = Field(
+        None, description="The ensemble's temperature-scaled probabilities (calibrated runs)."
+    )
+    abstain: bool | None = Field(None, description="With max_risk: whether to abstain.")
+    prediction_set: PredictionSet | None = Field(
+        None, description="With coverage: the conformal answer set."
+    )
 
 
 class PredictResponse(BaseModel):
