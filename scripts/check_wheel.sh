@@ -32,12 +32,14 @@ from pathlib import Path
 
 names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 src = Path(sys.argv[2])
+# Only the package itself: an editable install leaves src/loraens.egg-info beside it.
+package = src / "loraens"
 wanted = {
     p.relative_to(src).as_posix()
-    for p in src.rglob("*")
+    for p in package.rglob("*")
     if p.is_file() and p.suffix not in {".py", ".pyc"} and "__pycache__" not in p.parts
 }
-wanted |= {p.relative_to(src).as_posix() for p in src.rglob("*.py")}
+wanted |= {p.relative_to(src).as_posix() for p in package.rglob("*.py")}
 missing = sorted(wanted - names)
 if missing:
     sys.exit(f"check_wheel: the wheel lacks {missing}")
