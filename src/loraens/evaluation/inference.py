@@ -22,6 +22,31 @@ from loraens.models.scoring import (
 )
 from loraens.runtime import Runtime
 
+# Tokens of one gradient-free pass (rows of every member in it together). Scoring the demo run
+# (5 members, 96 ARC-Easy questions of about 70 tokens) on a 2-core AVX2 EPYC in fp32 took
+# 64.3 s with 32 questions per pass (about 11k tokens), 51.2 s with 8, 48.5 s with 4 (about
+# 1.4k tokens) and 49.8 s with 2 (bench/eval_pass.py, 2026-11-29): big passes spill the
+# caches and fault in fresh activation buffers, small ones underfill the matmuls.
+PASS_TOKENS = 2048
+
+
+def token_bounded_batches(
+    order: np.ndarray, lengths: Sequence[int], batch_size: int, max_tokens: int
+) -> list[np.ndarray]:
+    """Consecutive groups of ``order``: at most ``batch_size`` questions and, once a group holds
+    one question, at most ``max_tokens`` prompt tokens."""
+    batches: list[np.ndarray] = []
+    start, tokens = 0, 0
+    for end, question in enumerate(order):
+        size = lengths[question]
+        if end > start and (end - start == batch_size or tokens + size > max_tokens):
+            batches.append(order[start:end])
+            start, tokens = end, 0
+        tokens += size
+    if start < len(order):
+        batches.append(order[start:])
+    return batches
+
 
 def member_slices(n_members: int, members_per_pass: int | None) -> list[slice]:
     """Contiguous groups of members processed together in one pass."""
@@ -55,7 +80,9 @@ def score_members(
 ) -> np.ndarray:
     """Log p_T (Eq. 1) of every member on every question: (members·passes, questions, options).
 
-    Each batch of questions is replicated once per member in the pass, so one forward computes
+    Questions go in batches of at most ``batch_size``, fewer where their rows in one pass would
+    exceed :data:`PASS_TOKENS`. Each batch is replicated once per member in the pass, so one
+    forward computes
     all of their answer distributions; options a question does not have are -inf. With
     ``mc_dropout_passes`` > 1 adapter dropout stays on and each member's rows are replicated
     that many times more: every copy draws its own dropout mask, giving MC dropout's stochastic
@@ -78,8 +105,9 @@ def score_members(
     # Longest prompts first: each batch is then padded to lengths close to its own.
     lengths = [len(ids) for ids in encoded.input_ids]
     order = pool[np.argsort([-lengths[i] for i in pool], kind="stable")]
-    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     slices = member_slices(ensemble.n_members, members_per_pass)
+    copies = max(m.stop - m.start for m in slices) * passes  # rows per question in a pass
+    batches = token_bounded_batches(order, lengths, batch_size, max(PASS_TOKENS // copies, 1))
     dropout = ensemble.dropout_active() if passes > 1 else contextlib.nullcontext()
     try:
         with torch.inference_mode(), runtime.autocast(), dropout:
