@@ -9,6 +9,7 @@ import numpy as np
 from loraens.config import ModelConfig
 from loraens.data.prompts import PromptTooLongError, encode_questions
 from loraens.data.records import Question
+from loraens.decisions.conformal import Score
 from loraens.decisions.run import RunDecisions, apply_decisions, calibrated_ensemble
 from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.predictions import answer_rows
@@ -54,7 +55,7 @@ class Predictor:
         *,
         max_risk: float | None = None,
         coverage: float | None = None,
-        score: str = "lac",
+        score: Score = "lac",
     ) -> None:
         """A request's abstention and conformal sets, exactly as `loraens predict` decides
         them; drops the rows' internal log-probs either way."""
@@ -65,7 +66,7 @@ class Predictor:
             raise ValueError("this run has no calibration (held-out questions)")
         apply_decisions(
             rows, questions, np.stack(ensemble), self.decisions,
-            max_risk=max_risk, coverage=coverage, score=score,  # type: ignore[arg-type]
+            max_risk=max_risk, coverage=coverage, score=score,
         )  # fmt: skip
 
     def check_length(self, q: Question) -> None:
