@@ -9,10 +9,11 @@ import string
 import numpy as np
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
+from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from loraens.config import OptimConfig
-from loraens.data.prompts import encode_questions, label_token_ids
+from loraens.data.prompts import encode_questions, format_text_prompt, label_token_ids
 from loraens.data.records import Question
 from loraens.models.lora import LoRAEnsemble
 from loraens.runtime import Runtime
@@ -121,3 +122,19 @@ def randomize_b(ensemble: LoRAEnsemble, scale: float, seed: int = 0) -> None:
     with torch.no_grad():
         for param in ensemble.lora_parameters("B"):
             param.copy_(torch.randn(param.shape, generator=generator) * scale)
+
+
+def reference_option_log_likelihoods(model, tokenizer, question) -> tuple[list, list]:
+    """(summed log-likelihood, token count) of each option, each scored in its own forward."""
+    prompt = format_text_prompt(question.question)
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    sums, counts = [], []
+    for choice in question.choices:
+        ids = tokenizer(prompt + " " + choice)["input_ids"]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        log_probs = F.log_softmax(logits.double(), dim=-1)
+        option = range(len(prompt_ids), len(ids))
+        sums.append(sum(log_probs[t - 1, ids[t]].item() for t in option))
+        counts.append(len(option))
+    return sums, counts

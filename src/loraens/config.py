@@ -318,13 +318,6 @@ class TrainConfig:
             "dropout masks on the adapter input; e.g. --lora.dropout 0.1).",
         )
         _require(
-            self.ensemble.method != "last_layer" or self.model.scoring == "letter",
-            "ensemble.method=last_layer needs model.scoring=letter: it fine-tunes the LM-head rows "
-            "of the K answer letters, which answer_text scoring never reads (an option's score is "
-            "the log-likelihood of its own tokens over the whole vocabulary, so there is no small "
-            "set of head rows to train).",
-        )
-        _require(
             self.optim.loss == "token_nll" or self.model.scoring == "answer_text",
             "optim.loss=option_nll needs model.scoring=answer_text (letter scoring trains the "
             "answer letter's full-vocabulary NLL, Eq. 3).",

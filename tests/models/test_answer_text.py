@@ -6,7 +6,13 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
-from helpers import make_questions, randomize_b, tiny_llama, tiny_tokenizer
+from helpers import (
+    make_questions,
+    randomize_b,
+    reference_option_log_likelihoods,
+    tiny_llama,
+    tiny_tokenizer,
+)
 from torch.nn import functional as F
 
 from loraens.data.packing import plan_rows, rows_batch
@@ -44,22 +50,6 @@ def merged_model(ensemble: LoRAEnsemble, member: int, vocab: int):
         with torch.no_grad():
             model.get_submodule(name).weight += update
     return model
-
-
-def reference_option_log_likelihoods(model, tokenizer, question) -> tuple[list, list]:
-    """(summed log-likelihood, token count) of each option, each scored in its own forward."""
-    prompt = format_text_prompt(question.question)
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    sums, counts = [], []
-    for choice in question.choices:
-        ids = tokenizer(prompt + " " + choice)["input_ids"]
-        with torch.no_grad():
-            logits = model(torch.tensor([ids])).logits[0]
-        log_probs = F.log_softmax(logits.double(), dim=-1)
-        option = range(len(prompt_ids), len(ids))
-        sums.append(sum(log_probs[t - 1, ids[t]].item() for t in option))
-        counts.append(len(option))
-    return sums, counts
 
 
 def reference_log_p(ensemble, tokenizer, questions, normalization) -> np.ndarray:
@@ -247,11 +237,9 @@ def test_config_refuses_combinations_that_mean_nothing():
 
     with pytest.raises(ValueError, match="model.normalization"):
         ModelConfig(normalization="per_char")
-    with pytest.raises(ValueError, match="last_layer needs model.scoring=letter"):
-        TrainConfig(
-            model=ModelConfig(scoring="answer_text"),
-            ensemble=EnsembleConfig(method="last_layer"),
-        )
     with pytest.raises(ValueError, match="option_nll needs model.scoring=answer_text"):
         TrainConfig(optim=OptimConfig(loss="option_nll"))
     TrainConfig(model=ModelConfig(scoring="answer_text", normalization="per_char"))
+    TrainConfig(
+        model=ModelConfig(scoring="answer_text"), ensemble=EnsembleConfig(method="last_layer")
+    )

@@ -126,8 +126,9 @@ def render_card(
     loading_peft = ""
     if method == "last_layer":
         members = (
-            f"{m} last-layer ensemble members (each a copy of the LM head's answer-letter rows, "
-            "trained on frozen features; not PEFT adapters)."
+            f"{m} last-layer ensemble members (each a copy of the LM head's rows the answers are "
+            "read from: the answer letters', or the option tokens' by answer text; trained on "
+            "frozen features; not PEFT adapters)."
         )
     elif method == "mc_dropout":
         members = (

@@ -600,6 +600,7 @@ def _train_last_layer(s: _Setup) -> TrainResult:
         weight_decay=cfg.optim.weight_decay,
         epochs=cfg.optim.epochs,
         on_epoch=on_epoch,
+        loss=cfg.optim.loss,
     )
     state.train_seconds = time.perf_counter() - tick
     state.epochs_done = cfg.optim.epochs
