@@ -94,8 +94,9 @@ ENSEMBLE_METHODS: dict[str, str] = {
         "dropout kept on (baseline, §5.1)."
     ),
     "last_layer": (
-        "M copies of the LM-head rows of the answer letters fine-tuned alone (untied from the "
-        "input embeddings), the base model otherwise frozen (baseline, Table 1)."
+        "M copies of the LM-head rows the answers are read from (the answer letters', or by "
+        "answer text the training options' tokens) fine-tuned alone (untied from the input "
+        "embeddings), the base model otherwise frozen (baseline, Table 1)."
     ),
 }
 # The same names as a type, for the CLI's choices and YAML validation (a test keeps them equal).
