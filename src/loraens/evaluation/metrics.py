@@ -23,8 +23,10 @@ from numpy.typing import ArrayLike, NDArray
 __all__ = [
     "ReliabilityBins",
     "accuracy",
+    "ECE_BINS",
     "auroc",
     "brier",
+    "confidence_bin",
     "ece",
     "ensemble_log_probs",
     "max_prob",
@@ -37,6 +39,8 @@ __all__ = [
 ]
 
 FloatArray = NDArray[np.float64]
+
+ECE_BINS = 15  # the paper's (and torchmetrics') number of equal-width confidence bins
 
 
 # ----------------------------------------------------------------------------- input checks
@@ -174,10 +178,30 @@ class ReliabilityBins:
         return int(self.count.shape[0])
 
 
-def reliability_bins(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> ReliabilityBins:
+def _bin_edges(n_bins: int) -> FloatArray:
+    return np.linspace(0.0, 1.0, n_bins + 1)
+
+
+def confidence_bin(confidence: ArrayLike, n_bins: int = ECE_BINS) -> NDArray[np.int64]:
+    """The equal-width bin (0 .. n_bins - 1) of each top-label confidence in [0, 1].
+
+    Float64 edges and float64 confidences: bin k is [edges[k], edges[k+1]), so a confidence
+    exactly on an edge falls in the bin above it, and 1.0 falls in the last bin (clipped).
+    torchmetrics differs at exact edges (see ece), not elsewhere.
+    """
+    if n_bins < 1:
+        raise ValueError(f"n_bins must be >= 1, got {n_bins}")
+    conf = np.asarray(confidence, dtype=np.float64)
+    idx = np.searchsorted(_bin_edges(n_bins), conf, side="right") - 1
+    return np.clip(idx, 0, n_bins - 1).astype(np.int64)
+
+
+def reliability_bins(
+    log_probs: ArrayLike, labels: ArrayLike, n_bins: int = ECE_BINS
+) -> ReliabilityBins:
     """Bin questions by top-label confidence into ``n_bins`` equal-width bins on [0, 1].
 
-    This is the one binning implementation: ``ece`` and the reliability diagrams both use it.
+    ``ece`` and the reliability diagrams use it; the bins themselves are :func:`confidence_bin`.
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -185,12 +209,8 @@ def reliability_bins(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
     y = _as_labels(labels, lp)
     conf = np.exp(np.max(lp, axis=1))
     correct = (np.argmax(lp, axis=1) == y).astype(np.float64)
-
-    # Float64 edges and float64 confidences: bin k is [edges[k], edges[k+1]), so a confidence
-    # exactly on an edge falls in the bin above it, and 1.0 falls in the last bin (clipped).
-    # torchmetrics differs at exact edges (see ece), not elsewhere.
-    edges = np.linspace(0.0, 1.0, n_bins + 1)
-    idx = np.clip(np.searchsorted(edges, conf, side="right") - 1, 0, n_bins - 1)
+    idx = confidence_bin(conf, n_bins)
+    edges = _bin_edges(n_bins)
 
     count = np.bincount(idx, minlength=n_bins).astype(np.int64)
     conf_sum = np.bincount(idx, weights=conf, minlength=n_bins)
@@ -205,7 +225,7 @@ def reliability_bins(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) 
     )
 
 
-def ece(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = 15) -> float:
+def ece(log_probs: ArrayLike, labels: ArrayLike, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error: Σ_bins (n_b / N) · |acc_b − conf_b| (top-label, L1).
 
     Equal-width bins on [0, 1], each weighted by its share of the questions, binned as

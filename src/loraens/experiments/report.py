@@ -2,7 +2,8 @@
 
 ``write_report(paths, out)`` searches ``paths`` for run directories and writes to ``out``:
 ``index.html`` (one static page), ``fig-*.png`` and CSV files holding the same numbers
-(``runs.csv``, ``epochs.csv``, ``table1.csv``, ``size.csv``, ``decay_target.csv``).
+(``runs.csv``, ``epochs.csv``, ``table1.csv``, ``size.csv``, ``decay_target.csv``,
+``decisions.csv``, ``ood_decisions.csv``, ``differences.csv``).
 
 This module writes the files and assembles the page, building every section the same way
 (:func:`build_section`). How runs are found and classified is in :mod:`loraens.experiments.runs`;

@@ -13,6 +13,9 @@ How runs are chosen (see :mod:`loraens.experiments.runs` for settings and the re
 - Where a figure shows one strength of a regulariser (Fig. 1a, 3, 5) it is the one with the
   lowest final in-distribution ensemble NLL; Fig. 2 shows every strength. Fig. 8 shows the
   weight decay λ run on the most of A only, B only and both.
+- The differences table (differences.csv) gives every claim a 95% interval
+  (:mod:`loraens.evaluation.intervals`): it pairs runs by seed and only on identical eval
+  questions, and uses the final epoch's unrounded log-probs where saved.
 """
 
 from __future__ import annotations
@@ -32,6 +35,12 @@ from loraens.config import OptimConfig
 from loraens.decisions.selective import risk_coverage
 from loraens.decisions.stored import read_decisions
 from loraens.decisions.tables import DECISION_COLUMNS, decision_rows, variants
+from loraens.evaluation.intervals import (
+    DEFAULT_RESAMPLES,
+    Difference,
+    ensemble_minus_single,
+    paired_difference,
+)
 from loraens.evaluation.metrics import ensemble_log_probs, reliability_bins, summarize
 from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
@@ -53,7 +62,7 @@ from loraens.experiments.size_ablation import (
     read_epoch_pools,
     read_prediction_pool,
 )
-from loraens.rundir import RunDir
+from loraens.rundir import EvalLogProbs, RunDir
 from loraens.rundir.layout import (
     CALIBRATION_FILE,
     EVAL_LOG_PROBS_FILE,
@@ -704,6 +713,262 @@ def _ood_decisions(rs: RunSet, task: str) -> Panel:
     return Panel(None, runs=sorted(set(runs), key=lambda r: str(r.path)), rows=rows)
 
 
+# ----------------------------------------------------------------------------- differences
+
+ENSEMBLE_GAIN_METRICS = ("nll", "ece", "accuracy", "brier")  # ensemble − mean single member
+VERSUS_METRICS = ("nll", "ece", "accuracy")  # another method − the reference ensemble
+OVERCONFIDENCE_METRICS = ("nll", "ece")  # mean single member, last − first evaluated epoch
+ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
+VERSUS_CLAIM = "method − reference ensemble"
+OVERCONFIDENCE_CLAIM = "over-confidence: last − first epoch"
+DIFFERENCE_COLUMNS = (
+    "task", "claim", "metric", "a", "b", "a_value", "b_value", "difference", "low", "high",
+    "seeds", "n_seeds", "seed_mean", "seed_sd", "seed_min", "seed_max", "questions",
+    "resamples", "verdict",
+)  # fmt: skip
+
+
+@dataclass
+class _Final:
+    """One run's scored eval questions: (M, N, K) log-probs (members, passes or few-shot
+    draws) on the labelled questions, and their labels."""
+
+    member_log_probs: np.ndarray
+    labels: np.ndarray
+
+
+def _eval_log_probs(run: Run) -> EvalLogProbs | None:
+    if not run.has_eval_log_probs:
+        return None
+    try:
+        return RunDir(run.path).read_eval_log_probs()
+    except (OSError, ValueError) as error:
+        log.warning("cannot read the eval log-probs of %s: %s", run.path, error)
+        return None
+
+
+def _final(run: Run | FewShotRun) -> _Final | None:
+    """The final eval log-probs: the kept epoch's unrounded ones when saved per epoch (as the
+    decisions section reads them), else predictions.jsonl (few-shot, older runs)."""
+    evals = _eval_log_probs(run) if isinstance(run, Run) else None
+    if evals is not None and isinstance(run, Run):
+        kept = run.summary.epoch_kept
+        lp = evals.at(kept if kept in evals.epochs else evals.epochs[-1])
+        keep = np.asarray(evals.labels) >= 0
+        if keep.any():
+            return _Final(lp[:, keep], np.asarray(evals.labels)[keep])
+    pool = _pool(run)
+    return None if pool is None else _Final(pool.member_log_probs, pool.labels)
+
+
+def _difference_row(
+    task: str, claim: str, metric: str, a: str, b: str, seeds: Sequence[int], d: Difference
+) -> dict:
+    """One line of differences.csv: the claim A − B of ``metric`` and its interval."""
+    return {
+        "task": task,
+        "claim": claim,
+        "metric": metric,
+        "a": a,
+        "b": b,
+        "a_value": d.a,
+        "b_value": d.b,
+        "difference": d.estimate,
+        "low": d.low,
+        "high": d.high,
+        "seeds": " ".join(map(str, seeds)),
+        "n_seeds": d.n_seeds,
+        "seed_mean": d.seed_mean,
+        "seed_sd": d.seed_sd,
+        "seed_min": d.seed_min,
+        "seed_max": d.seed_max,
+        "questions": d.n_questions,
+        "resamples": d.n_resamples,
+        "verdict": "shown" if d.shown else "not shown",
+    }
+
+
+@dataclass
+class _Reference:
+    """The reference's seeds that share one set of eval questions, at the final epoch."""
+
+    task: str
+    runs: dict[int, Run]
+    finals: dict[int, _Final]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return next(iter(self.finals.values())).labels
+
+    @property
+    def name(self) -> str:
+        members = next(iter(self.finals.values())).member_log_probs.shape[0]
+        return f"LoRA ens. (M={members})"
+
+    def versus(
+        self,
+        name: str,
+        runs: Sequence[Run | FewShotRun],
+        model: Callable[[Run | FewShotRun, _Final], np.ndarray | None],
+        panel: Panel,
+    ) -> None:
+        """Rows of ``name`` − the reference ensemble, over the seeds both have on the same
+        questions; ``model`` turns a run's final log-probs into the compared model's (N, K)
+        log-probs or (J, N, K) stack (None: not available)."""
+        mine: dict[int, np.ndarray] = {}
+        skipped = []
+        for run in runs:
+            if run.seed not in self.finals or run.seed in mine:
+                continue
+            # The reference's own runs (temperature scaling) are read once.
+            final = self.finals[run.seed] if self.runs.get(run.seed) is run else _final(run)
+            if final is None:
+                skipped.append(f"seed {run.seed} has no readable final eval log-probs")
+            elif not np.array_equal(final.labels, self.labels):
+                skipped.append(f"seed {run.seed} was scored on other eval questions")
+            elif (scored := model(run, final)) is not None:
+                mine[run.seed] = scored
+        if skipped or not mine:
+            why = "; ".join(skipped) or f"no run with the reference's seed(s) {sorted(self.finals)}"
+            panel.notes.append(f"{name} − {self.name}: {why}.")
+        if not mine:
+            return
+        seeds = sorted(mine)
+        ensembles = [ensemble_log_probs(self.finals[s].member_log_probs) for s in seeds]
+        for metric in VERSUS_METRICS:
+            d = paired_difference([mine[s] for s in seeds], ensembles, self.labels, metric)
+            row = _difference_row(self.task, VERSUS_CLAIM, metric, name, self.name, seeds, d)
+            panel.rows.append(row)
+        panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
+        panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
+
+
+def _reference_finals(ref: Setting, task: str, panel: Panel) -> _Reference | None:
+    runs: dict[int, Run] = {}
+    finals: dict[int, _Final] = {}
+    for run in ref.runs:
+        if run.seed in finals:
+            continue  # a second run of one seed: the first is the reference
+        final = _final(run)
+        if final is None:
+            panel.notes.append(
+                f"seed {run.seed} of the reference has no readable final eval log-probs."
+            )
+        elif finals and not np.array_equal(final.labels, next(iter(finals.values())).labels):
+            panel.notes.append(
+                f"seed {run.seed} of the reference was scored on other eval questions than "
+                f"seed {next(iter(finals))}; left out."
+            )
+        else:
+            runs[run.seed], finals[run.seed] = run, final
+    return _Reference(task, runs, finals) if finals else None
+
+
+def _ensemble_gain_rows(ref: _Reference) -> list[dict]:
+    seeds = sorted(ref.finals)
+    members = [ref.finals[s].member_log_probs for s in seeds]
+    return [
+        _difference_row(
+            ref.task,
+            ENSEMBLE_GAIN_CLAIM,
+            metric,
+            ref.name,
+            "mean single member",
+            seeds,
+            ensemble_minus_single(members, ref.labels, metric),
+        )
+        for metric in ENSEMBLE_GAIN_METRICS
+    ]
+
+
+def _overconfidence_rows(ref: _Reference, panel: Panel) -> list[dict]:
+    """The mean single member's NLL and ECE at the last evaluated epoch minus the first."""
+    last: dict[int, np.ndarray] = {}
+    first: dict[int, np.ndarray] = {}
+    epochs: dict[int, tuple[int, int]] = {}
+    for seed, run in ref.runs.items():
+        evals = _eval_log_probs(run)
+        if evals is None or len(evals.epochs) < 2:
+            continue
+        keep = np.asarray(evals.labels) >= 0
+        if not np.array_equal(np.asarray(evals.labels)[keep], ref.labels):
+            continue  # another eval set than the final one: not comparable across seeds
+        first[seed] = evals.member_log_probs[0][:, keep]
+        last[seed] = evals.member_log_probs[-1][:, keep]
+        epochs[seed] = (evals.epochs[0], evals.epochs[-1])
+    if not last:
+        panel.notes.append(
+            f"over-confidence over training needs the reference's {EVAL_LOG_PROBS_FILE} "
+            "with at least two evaluated epochs."
+        )
+        return []
+    seeds = sorted(last)
+    a = f"mean single member, epoch {distinct_values(epochs[s][1] for s in seeds)}"
+    b = f"mean single member, epoch {distinct_values(epochs[s][0] for s in seeds)}"
+    return [
+        _difference_row(
+            ref.task,
+            OVERCONFIDENCE_CLAIM,
+            metric,
+            a,
+            b,
+            seeds,
+            paired_difference(
+                [last[s] for s in seeds], [first[s] for s in seeds], ref.labels, metric
+            ),
+        )
+        for metric in OVERCONFIDENCE_METRICS
+    ]
+
+
+def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
+    try:
+        temps = read_decisions(run.path).temperatures
+    except (OSError, ValueError) as error:
+        log.warning("cannot read the calibration of %s: %s", run.path, error)
+        return None
+    if temps is None or len(temps.members) != final.member_log_probs.shape[0]:
+        return None
+    return temps.ensemble_scaled(final.member_log_probs)
+
+
+def _differences(rs: RunSet, task: str) -> Panel:
+    ref = rs.reference(task)
+    if ref is None:
+        return Panel(missing=["an unregularised LoRA run (method lora, no dropout)"])
+    panel = Panel(runs=list(ref.runs))
+    reference = _reference_finals(ref, task, panel)
+    if reference is None:
+        panel.missing.append(
+            f"the reference's final eval log-probs ({PREDICTIONS_FILE} or {EVAL_LOG_PROBS_FILE})"
+        )
+        return panel
+    panel.rows += _ensemble_gain_rows(reference)
+
+    def ensemble(run: Run | FewShotRun, final: _Final) -> np.ndarray:
+        return ensemble_log_probs(final.member_log_probs)
+
+    def draws(run: Run | FewShotRun, final: _Final) -> np.ndarray:
+        return final.member_log_probs  # few-shot: the mean over draws, as the paper reports
+
+    # One strength per regulariser family (the lowest ensemble NLL, as in Fig. 1a, 3 and 5).
+    regularised = [s for s in rs.variants(task, is_plain_lora, ref) if s.first.family != "none"]
+    others = _one_per_family(regularised) if regularised else []
+    others += rs.variants(task, lambda r: r.method == "mc_dropout", ref)
+    others += rs.variants(task, lambda r: r.method == "last_layer", ref)
+    for s in others:
+        reference.versus(f"{s.first.label} (M={s.first.members})", s.runs, ensemble, panel)
+    few = [f for f in rs.few_shot if f.task == task and f.has_predictions]
+    if few:
+        name = f"few-shot k={few[0].result.k} (mean of {few[0].result.draws} draws)"
+        reference.versus(name, few, draws, panel)
+    calibrated = [r for r in reference.runs.values() if r.is_calibrated]
+    if calibrated:
+        reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
+    panel.rows += _overconfidence_rows(reference, panel)
+    return panel
+
+
 # ----------------------------------------------------------------------------- the page's order
 
 SECTIONS: tuple[SectionSpec, ...] = (
@@ -867,5 +1132,23 @@ SECTIONS: tuple[SectionSpec, ...] = (
         panel=_ood_decisions,
         csv="ood_decisions.csv",
         columns=("task", "ood_set", "run", "model", "accuracy", "nll", "ece", "auroc"),
+    ),
+    SectionSpec(
+        key="differences",
+        title="Differences with 95% intervals: what the runs show",
+        look_for="A difference (A − B) is shown only when its 95% interval excludes 0, "
+        "whatever its sign; otherwise it is not shown. Intervals: paired bootstrap over the "
+        f"eval questions ({DEFAULT_RESAMPLES} resamples, percentile), each resample drawing one "
+        "set of questions for every seed and averaging the per-seed differences; the seed "
+        "columns give the spread of the per-seed differences (sd with ddof 1). Final epoch: the "
+        f"kept epoch's {EVAL_LOG_PROBS_FILE}, else {PREDICTIONS_FILE}. Compared with the "
+        "reference ensemble: each regulariser family at its strength with the lowest ensemble "
+        "NLL, MC dropout, last-layer ensembles, few-shot (mean over draws) and the reference "
+        "with temperature scaling, only on seeds the reference has and on the same questions. "
+        "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
+        "Numbers in differences.csv.",
+        panel=_differences,
+        csv="differences.csv",
+        columns=DIFFERENCE_COLUMNS,
     ),
 )
