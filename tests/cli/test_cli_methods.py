@@ -22,6 +22,11 @@ def _train(model_dir, files, out, *extra):
         ("mc_dropout", ["--lora.dropout", "0.2"], ["adapter_model.safetensors"]),
         ("last_layer", [], ["last_layer.safetensors"]),
         (
+            "last_layer",
+            ["--model.scoring", "answer_text", "--optim.loss", "option_nll"],
+            ["last_layer.safetensors"],
+        ),
+        (
             "lora",
             ["--optim.kl_beta", "0.1", "--optim.weight_decay", "100", "--optim.decay_target", "B"],
             ["adapter_model.safetensors"],

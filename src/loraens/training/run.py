@@ -456,12 +456,17 @@ def _evaluate_epoch(
     if len(ood):
         fit.state.rows += _ood_rows(member_log_probs, fit.evaluate(ood), ood, epoch)
     ens = epoch_rows[-1]
+    members = epoch_rows[:-1]
+    # The mean member beside the ensemble: over-confidence shows as its NLL and ECE climbing.
     log.info(
-        "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean train loss %.3f",
+        "epoch %d: ensemble acc %.3f nll %.3f ece %.3f | mean member nll %.3f ece %.3f "
+        "| mean train loss %.3f",
         epoch + 1,
         ens["accuracy"],
         ens["nll"],
         ens["ece"],
+        np.mean([row["nll"] for row in members]),
+        np.mean([row["ece"] for row in members]),
         train_loss.mean(),
     )
     return member_log_probs
