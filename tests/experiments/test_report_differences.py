@@ -193,6 +193,20 @@ def test_over_confidence_is_the_mean_member_last_minus_first_epoch(differences):
         _check(row, _expected(last, first, y, metric), "0 1")
 
 
+def test_early_stopping_is_the_reference_ensemble_at_an_earlier_epoch(differences):
+    runs, rows, _ = differences
+    saved = [RunDir(runs["ref", s]).read_eval_log_probs() for s in (0, 1)]
+    y = np.asarray(saved[0].labels)
+    final = [_ensemble(s.member_log_probs[-1]) for s in saved]
+    for epoch in (1, 2):  # the runs evaluated epochs 1, 2, 3; the last is the reference itself
+        stopped = [_ensemble(s.at(epoch)) for s in saved]
+        chosen = _rows(rows, f"LoRA ens. (M=3) stopped after epoch {epoch}")
+        assert set(chosen) == {"nll", "ece", "accuracy"}
+        for metric, row in chosen.items():
+            _check(row, _expected(stopped, final, y, metric), "0 1")
+    assert not [r for r in rows if r["a"] == "LoRA ens. (M=3) stopped after epoch 3"]
+
+
 def test_runs_that_cannot_be_paired_are_left_out_with_the_reason(differences):
     _, rows, page = differences
     names = {r["a"] for r in rows}

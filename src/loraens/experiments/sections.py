@@ -932,6 +932,30 @@ def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | No
     return temps.ensemble_scaled(final.member_log_probs)
 
 
+def _early_stop_epochs(ref: _Reference) -> list[int]:
+    """Epochs before the final one that every seed of the reference evaluated (at most 3, the
+    paper's early-stopping budgets)."""
+    common: set[int] | None = None
+    for run in ref.runs.values():
+        evals = _eval_log_probs(run)
+        epochs = set(evals.epochs[:-1]) if evals is not None else set()
+        common = epochs if common is None else common & epochs
+    return sorted(common or set())[:3]
+
+
+def _stopped_after(epoch: int) -> Callable[[Run | FewShotRun, _Final], np.ndarray | None]:
+    def ensemble_at(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
+        evals = _eval_log_probs(run) if isinstance(run, Run) else None
+        if evals is None or epoch not in evals.epochs:
+            return None
+        keep = np.asarray(evals.labels) >= 0
+        if not np.array_equal(np.asarray(evals.labels)[keep], final.labels):
+            return None
+        return ensemble_log_probs(evals.at(epoch)[:, keep])
+
+    return ensemble_at
+
+
 def _differences(rs: RunSet, task: str) -> Panel:
     ref = rs.reference(task)
     if ref is None:
@@ -962,6 +986,11 @@ def _differences(rs: RunSet, task: str) -> Panel:
     if few:
         name = f"few-shot k={few[0].result.k} (mean of {few[0].result.draws} draws)"
         reference.versus(name, few, draws, panel)
+    # Early stopping needs no run of its own: with a constant learning rate, stopping after
+    # epoch e gives the reference's epoch-e members (as Fig. 2's early-stop arrows read them).
+    for epoch in _early_stop_epochs(reference):
+        name = f"{reference.name} stopped after epoch {epoch}"
+        reference.versus(name, list(reference.runs.values()), _stopped_after(epoch), panel)
     calibrated = [r for r in reference.runs.values() if r.is_calibrated]
     if calibrated:
         reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
@@ -1143,8 +1172,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "columns give the spread of the per-seed differences (sd with ddof 1). Final epoch: the "
         f"kept epoch's {EVAL_LOG_PROBS_FILE}, else {PREDICTIONS_FILE}. Compared with the "
         "reference ensemble: each regulariser family at its strength with the lowest ensemble "
-        "NLL, MC dropout, last-layer ensembles, few-shot (mean over draws) and the reference "
-        "with temperature scaling, only on seeds the reference has and on the same questions. "
+        "NLL, MC dropout, last-layer ensembles, few-shot (mean over draws), the reference "
+        "stopped after each of its first evaluated epochs (early stopping, up to 3) and the "
+        "reference with temperature scaling, only on seeds the reference has and on the same questions. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
         "Numbers in differences.csv.",
         panel=_differences,
