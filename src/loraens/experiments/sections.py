@@ -1174,7 +1174,8 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "reference ensemble: each regulariser family at its strength with the lowest ensemble "
         "NLL, MC dropout, last-layer ensembles, few-shot (mean over draws), the reference "
         "stopped after each of its first evaluated epochs (early stopping, up to 3) and the "
-        "reference with temperature scaling, only on seeds the reference has and on the same questions. "
+        "reference with temperature scaling, only on seeds the reference has and on the same "
+        "questions. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
         "Numbers in differences.csv.",
         panel=_differences,
