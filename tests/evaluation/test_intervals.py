@@ -16,7 +16,7 @@ from loraens.evaluation.intervals import (
     paired_difference,
 )
 
-METRICS = ("accuracy", "nll", "ece", "brier")
+METRICS = ("accuracy", "nll", "ece", "brier", "wrong_confidence")
 
 
 def _log_probs(rng, shape, concentration=0.7, k_present=None):

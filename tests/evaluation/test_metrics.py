@@ -261,3 +261,12 @@ def test_auroc_rejects_empty_sets():
         auroc([], [0.5])
     with pytest.raises(ValueError, match=message):
         auroc([0.5], [])
+
+
+def test_wrong_confidence_is_the_mean_top_probability_of_the_wrong_answers():
+    from loraens.evaluation.metrics import wrong_confidence
+
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    labels = np.array([0, 0, 1, 1])  # right, wrong (0.8), wrong (0.6), right
+    assert wrong_confidence(np.log(p), labels) == pytest.approx((0.8 + 0.6) / 2)
+    assert math.isnan(wrong_confidence(np.log(p), np.array([0, 1, 0, 1])))

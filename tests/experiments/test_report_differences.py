@@ -46,6 +46,9 @@ def _resampled(stack: np.ndarray, y: np.ndarray, metric: str, idx: np.ndarray) -
             out.append(right[rows].mean(axis=1))
         elif metric == "nll":
             out.append(-x[np.arange(len(y)), y][rows].mean(axis=1))
+        elif metric == "wrong_confidence":  # mean top probability over the wrong answers drawn
+            conf, wrong = p.max(axis=1)[rows], ~right[rows]
+            out.append((conf * wrong).sum(axis=1) / wrong.sum(axis=1))
         elif metric == "brier":
             onehot = np.eye(x.shape[1])[y]
             out.append(((p - onehot) ** 2).sum(axis=1)[rows].mean(axis=1))
@@ -78,7 +81,10 @@ def _check(row: dict, expected: dict, seeds: str) -> None:
     per_seed = expected["per_seed"]
     assert row["seeds"] == seeds and int(row["n_seeds"]) == len(per_seed)
     for key in ("difference", "low", "high"):
-        assert float(row[key]) == pytest.approx(expected[key], abs=1e-9), (row["a"], key)
+        assert float(row[key]) == pytest.approx(expected[key], abs=1e-9, nan_ok=True), (
+            row["a"],
+            key,
+        )
     assert float(row["seed_min"]) == pytest.approx(per_seed.min(), abs=1e-9)
     assert float(row["seed_max"]) == pytest.approx(per_seed.max(), abs=1e-9)
     if len(per_seed) > 1:
@@ -129,7 +135,7 @@ def test_ensemble_minus_mean_single_member_over_both_seeds(differences):
     finals = [_final(runs["ref", s]) for s in (0, 1)]
     y = finals[0][1]
     chosen = {r["metric"]: r for r in rows if r["claim"] == "ensemble − mean single member"}
-    assert set(chosen) == {"nll", "ece", "accuracy", "brier"}
+    assert set(chosen) == {"nll", "ece", "accuracy", "brier", "wrong_confidence"}
     for metric, row in chosen.items():
         ens = [_ensemble(lp) for lp, _ in finals]
         _check(row, _expected(ens, [lp for lp, _ in finals], y, metric), "0 1")
@@ -180,7 +186,7 @@ def test_other_methods_minus_the_reference_ensemble_pair_by_seed(differences):
 def test_over_confidence_is_the_mean_member_last_minus_first_epoch(differences):
     runs, rows, _ = differences
     chosen = {r["metric"]: r for r in rows if r["claim"] == "over-confidence: last − first epoch"}
-    assert set(chosen) == {"nll", "ece"}
+    assert set(chosen) == {"nll", "ece", "wrong_confidence"}
     saved = [RunDir(runs["ref", s]).read_eval_log_probs() for s in (0, 1)]
     y = np.asarray(saved[0].labels)
     for metric, row in chosen.items():

@@ -53,6 +53,7 @@ METRIC_FUNCTIONS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
     "nll": metrics.nll,
     "ece": metrics.ece,
     "brier": metrics.brier,
+    "wrong_confidence": metrics.wrong_confidence,
 }
 
 
@@ -141,6 +142,11 @@ def _resampled_scores(stack: FloatArray, y: NDArray[np.int64], metric: str, coun
         sums = counts @ gap_by_bin.transpose(1, 0, 2).reshape(n, -1)  # (R, J * B)
         per_array = np.abs(sums).reshape(len(counts), *gap_by_bin.shape[::2]).sum(axis=2) / n
         return per_array.mean(axis=1)
+    if metric == "wrong_confidence":  # a ratio: Σ conf · wrong / Σ wrong over the draw
+        conf = np.exp(np.max(stack, axis=2))
+        wrong = (np.argmax(stack, axis=2) != y).astype(np.float64)  # (J, N)
+        with np.errstate(invalid="ignore", divide="ignore"):  # no wrong answer drawn: NaN
+            return (counts @ (wrong * conf).T / (counts @ wrong.T)).mean(axis=1)
     terms = _question_terms(stack, y, metric).mean(axis=0)  # linear: average the J arrays first
     # An infinite term (NLL of a true option with p = 0) makes every resample that draws it
     # infinite; 0 · inf would be NaN in the product, so those questions are counted apart.

@@ -15,6 +15,7 @@ Everything is computed in float64. Padding never produces NaN: wherever ``p · l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "predictive_entropy",
     "reliability_bins",
     "summarize",
+    "wrong_confidence",
 ]
 
 FloatArray = NDArray[np.float64]
@@ -139,6 +141,15 @@ def nll(log_probs: ArrayLike, labels: ArrayLike) -> float:
     lp = _as_log_probs(log_probs)
     y = _as_labels(labels, lp)
     return float(-np.mean(lp[np.arange(lp.shape[0]), y]))
+
+
+def wrong_confidence(log_probs: ArrayLike, labels: ArrayLike) -> float:
+    """Mean top-label confidence over the questions answered wrongly (Fig. 1a's quantity: high
+    means confidently wrong); NaN when every answer is right."""
+    lp = _as_log_probs(log_probs)
+    y = _as_labels(labels, lp)
+    wrong = np.argmax(lp, axis=1) != y
+    return float(np.mean(np.exp(np.max(lp[wrong], axis=1)))) if wrong.any() else math.nan
 
 
 def brier(log_probs: ArrayLike, labels: ArrayLike) -> float:

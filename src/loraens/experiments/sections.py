@@ -715,9 +715,11 @@ def _ood_decisions(rs: RunSet, task: str) -> Panel:
 
 # ----------------------------------------------------------------------------- differences
 
-ENSEMBLE_GAIN_METRICS = ("nll", "ece", "accuracy", "brier")  # ensemble − mean single member
+# ensemble − mean single member; wrong_confidence: mean confidence on wrong answers (Fig. 1a)
+ENSEMBLE_GAIN_METRICS = ("nll", "ece", "accuracy", "brier", "wrong_confidence")
 VERSUS_METRICS = ("nll", "ece", "accuracy")  # another method − the reference ensemble
-OVERCONFIDENCE_METRICS = ("nll", "ece")  # mean single member, last − first evaluated epoch
+# the mean single member, last − first evaluated epoch
+OVERCONFIDENCE_METRICS = ("nll", "ece", "wrong_confidence")
 ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
 VERSUS_CLAIM = "method − reference ensemble"
 OVERCONFIDENCE_CLAIM = "over-confidence: last − first epoch"
@@ -1177,6 +1179,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "reference with temperature scaling, only on seeds the reference has and on the same "
         "questions. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
+        "wrong_confidence is the mean confidence on wrongly answered questions (Fig. 1a). "
         "Numbers in differences.csv.",
         panel=_differences,
         csv="differences.csv",
