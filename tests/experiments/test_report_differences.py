@@ -18,6 +18,7 @@ from loraens.experiments.size_ablation import read_prediction_pool
 from loraens.rundir import RunDir
 
 RESAMPLES = 2000  # the report's default
+ENSEMBLE_GAIN = "ensemble − mean single member"
 N_BINS = 15
 
 
@@ -48,7 +49,8 @@ def _resampled(stack: np.ndarray, y: np.ndarray, metric: str, idx: np.ndarray) -
             out.append(-x[np.arange(len(y)), y][rows].mean(axis=1))
         elif metric == "wrong_confidence":  # mean top probability over the wrong answers drawn
             conf, wrong = p.max(axis=1)[rows], ~right[rows]
-            out.append((conf * wrong).sum(axis=1) / wrong.sum(axis=1))
+            with np.errstate(invalid="ignore"):  # a resample with no wrong answer: NaN
+                out.append((conf * wrong).sum(axis=1) / wrong.sum(axis=1))
         elif metric == "brier":
             onehot = np.eye(x.shape[1])[y]
             out.append(((p - onehot) ** 2).sum(axis=1)[rows].mean(axis=1))
@@ -125,7 +127,7 @@ def differences(tmp_path_factory):
 
 
 def _rows(rows: list[dict], a: str) -> dict[str, dict]:
-    chosen = {r["metric"]: r for r in rows if r["a"] == a}
+    chosen = {r["metric"]: r for r in rows if r["a"] == a and r["claim"] != ENSEMBLE_GAIN}
     assert chosen, f"no rows for {a!r} in {sorted({r['a'] for r in rows})}"
     return chosen
 
@@ -134,7 +136,11 @@ def test_ensemble_minus_mean_single_member_over_both_seeds(differences):
     runs, rows, _ = differences
     finals = [_final(runs["ref", s]) for s in (0, 1)]
     y = finals[0][1]
-    chosen = {r["metric"]: r for r in rows if r["claim"] == "ensemble − mean single member"}
+    chosen = {
+        r["metric"]: r
+        for r in rows
+        if r["claim"] == "ensemble − mean single member" and r["a"] == "LoRA ens. (M=3)"
+    }
     assert set(chosen) == {"nll", "ece", "accuracy", "brier", "wrong_confidence"}
     for metric, row in chosen.items():
         ens = [_ensemble(lp) for lp, _ in finals]
@@ -197,6 +203,23 @@ def test_over_confidence_is_the_mean_member_last_minus_first_epoch(differences):
         last = [s.member_log_probs[-1] for s in saved]
         first = [s.member_log_probs[0] for s in saved]
         _check(row, _expected(last, first, y, metric), "0 1")
+
+
+def test_every_compared_ensemble_gets_its_own_gain_over_its_members(differences):
+    runs, rows, _ = differences
+    y = _final(runs["last", 0])[1]
+    for key, seeds, label in (("last", (0, 1), "last-layer ens."), ("mc", (0,), "MC dropout 0.1")):
+        finals = [_final(runs[key, s])[0] for s in seeds]
+        chosen = {
+            r["metric"]: r
+            for r in rows
+            if r["a"] == f"{label} (M=3)" and r["claim"] == "ensemble − mean single member"
+        }
+        assert set(chosen) == {"nll", "ece", "accuracy", "brier", "wrong_confidence"}
+        for metric, row in chosen.items():
+            assert row["b"] == "its mean single member"
+            expected = _expected([_ensemble(lp) for lp in finals], finals, y, metric)
+            _check(row, expected, " ".join(map(str, seeds)))
 
 
 def test_early_stopping_is_the_reference_ensemble_at_an_earlier_epoch(differences):

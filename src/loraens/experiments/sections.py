@@ -813,11 +813,14 @@ class _Reference:
         runs: Sequence[Run | FewShotRun],
         model: Callable[[Run | FewShotRun, _Final], np.ndarray | None],
         panel: Panel,
+        own_gain: bool = False,
     ) -> None:
         """Rows of ``name`` − the reference ensemble, over the seeds both have on the same
         questions; ``model`` turns a run's final log-probs into the compared model's (N, K)
-        log-probs or (J, N, K) stack (None: not available)."""
+        log-probs or (J, N, K) stack (None: not available). With ``own_gain``, also the
+        compared ensemble minus its own mean member (Fig. 2's arrow, for every setting)."""
         mine: dict[int, np.ndarray] = {}
+        members: dict[int, np.ndarray] = {}
         skipped = []
         for run in runs:
             if run.seed not in self.finals or run.seed in mine:
@@ -830,6 +833,7 @@ class _Reference:
                 skipped.append(f"seed {run.seed} was scored on other eval questions")
             elif (scored := model(run, final)) is not None:
                 mine[run.seed] = scored
+                members[run.seed] = final.member_log_probs
         if skipped or not mine:
             why = "; ".join(skipped) or f"no run with the reference's seed(s) {sorted(self.finals)}"
             panel.notes.append(f"{name} − {self.name}: {why}.")
@@ -841,6 +845,13 @@ class _Reference:
             d = paired_difference([mine[s] for s in seeds], ensembles, self.labels, metric)
             row = _difference_row(self.task, VERSUS_CLAIM, metric, name, self.name, seeds, d)
             panel.rows.append(row)
+        if own_gain:
+            stacks = [members[s] for s in seeds]
+            for metric in ENSEMBLE_GAIN_METRICS:
+                d = ensemble_minus_single(stacks, self.labels, metric)
+                b = "its mean single member"
+                row = _difference_row(self.task, ENSEMBLE_GAIN_CLAIM, metric, name, b, seeds, d)
+                panel.rows.append(row)
         panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
         panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
 
@@ -983,7 +994,8 @@ def _differences(rs: RunSet, task: str) -> Panel:
     others += rs.variants(task, lambda r: r.method == "mc_dropout", ref)
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
     for s in others:
-        reference.versus(f"{s.first.label} (M={s.first.members})", s.runs, ensemble, panel)
+        name = f"{s.first.label} (M={s.first.members})"
+        reference.versus(name, s.runs, ensemble, panel, own_gain=True)
     few = [f for f in rs.few_shot if f.task == task and f.has_predictions]
     if few:
         name = f"few-shot k={few[0].result.k} (mean of {few[0].result.draws} draws)"
@@ -1178,6 +1190,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "stopped after each of its first evaluated epochs (early stopping, up to 3) and the "
         "reference with temperature scaling, only on seeds the reference has and on the same "
         "questions. "
+        "Every compared ensemble also gets its own ensemble − mean single member rows. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
         "wrong_confidence is the mean confidence on wrongly answered questions (Fig. 1a). "
         "Numbers in differences.csv.",
