@@ -168,11 +168,11 @@ class _OptionFeatures:
         self.n_choices = np.asarray(encoded.n_choices)
         self.loss = loss
         self.rest = ensemble.frozen_logsumexp(positions.hidden)
-        # A target outside the trained rows keeps its pretrained logit: computed once.
-        head = head_weight.detach().float().cpu()
+        # A target outside the trained rows keeps its pretrained logit: computed once, from
+        # the target rows only (no copy of the whole head).
         self.frozen_target = torch.cat(
             [
-                (h * head[t]).sum(-1)
+                (h * head_weight.detach()[t.to(head_weight.device)].float().cpu()).sum(-1)
                 for h, t in zip(
                     positions.hidden.split(1024), positions.targets.split(1024), strict=True
                 )

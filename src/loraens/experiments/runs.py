@@ -18,6 +18,7 @@ How runs are read (documented here because every figure relies on it):
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -28,7 +29,14 @@ from typing import TypeVar
 import numpy as np
 
 from loraens.config import OptimConfig, TrainConfig
-from loraens.rundir import CellRecord, FewShotResult, RunDir, RunSummary, read_jsonl
+from loraens.rundir import (
+    CellRecord,
+    EvalLogProbs,
+    FewShotResult,
+    RunDir,
+    RunSummary,
+    read_jsonl,
+)
 from loraens.rundir.layout import CONFIG_FILE, FEW_SHOT_FILE, RUN_MARKERS, SUMMARY_FILE
 
 __all__ = [
@@ -44,6 +52,8 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _DEFAULT_WEIGHT_DECAY = OptimConfig().weight_decay  # the paper's unregularised AdamW default
 _RANDOMNESS = {
@@ -212,6 +222,18 @@ class Run:
     def has_eval_log_probs(self) -> bool:
         """Every evaluated epoch's unrounded log-probs were saved (runs since Fig. 6 per epoch)."""
         return RunDir(self.path).eval_log_probs.is_file()
+
+    @cached_property
+    def eval_log_probs(self) -> EvalLogProbs | None:
+        """eval_log_probs.safetensors, read once (several report sections use it); None when
+        absent or unreadable (a warning says why)."""
+        if not self.has_eval_log_probs:
+            return None
+        try:
+            return RunDir(self.path).read_eval_log_probs()
+        except (OSError, ValueError) as error:
+            log.warning("cannot read the eval log-probs of %s: %s", self.path, error)
+            return None
 
     @property
     def is_calibrated(self) -> bool:

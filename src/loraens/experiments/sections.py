@@ -62,7 +62,7 @@ from loraens.experiments.size_ablation import (
     read_epoch_pools,
     read_prediction_pool,
 )
-from loraens.rundir import EvalLogProbs, RunDir
+from loraens.rundir import RunDir
 from loraens.rundir.layout import (
     CALIBRATION_FILE,
     EVAL_LOG_PROBS_FILE,
@@ -739,20 +739,10 @@ class _Final:
     labels: np.ndarray
 
 
-def _eval_log_probs(run: Run) -> EvalLogProbs | None:
-    if not run.has_eval_log_probs:
-        return None
-    try:
-        return RunDir(run.path).read_eval_log_probs()
-    except (OSError, ValueError) as error:
-        log.warning("cannot read the eval log-probs of %s: %s", run.path, error)
-        return None
-
-
 def _final(run: Run | FewShotRun) -> _Final | None:
     """The final eval log-probs: the kept epoch's unrounded ones when saved per epoch (as the
     decisions section reads them), else predictions.jsonl (few-shot, older runs)."""
-    evals = _eval_log_probs(run) if isinstance(run, Run) else None
+    evals = run.eval_log_probs if isinstance(run, Run) else None
     if evals is not None and isinstance(run, Run):
         kept = run.summary.epoch_kept
         lp = evals.at(kept if kept in evals.epochs else evals.epochs[-1])
@@ -900,7 +890,7 @@ def _overconfidence_rows(ref: _Reference, panel: Panel) -> list[dict]:
     first: dict[int, np.ndarray] = {}
     epochs: dict[int, tuple[int, int]] = {}
     for seed, run in ref.runs.items():
-        evals = _eval_log_probs(run)
+        evals = run.eval_log_probs
         if evals is None or len(evals.epochs) < 2:
             continue
         keep = np.asarray(evals.labels) >= 0
@@ -950,7 +940,7 @@ def _early_stop_epochs(ref: _Reference) -> list[int]:
     paper's early-stopping budgets)."""
     common: set[int] | None = None
     for run in ref.runs.values():
-        evals = _eval_log_probs(run)
+        evals = run.eval_log_probs
         epochs = set(evals.epochs[:-1]) if evals is not None else set()
         common = epochs if common is None else common & epochs
     return sorted(common or set())[:3]
@@ -958,7 +948,7 @@ def _early_stop_epochs(ref: _Reference) -> list[int]:
 
 def _stopped_after(epoch: int) -> Callable[[Run | FewShotRun, _Final], np.ndarray | None]:
     def ensemble_at(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
-        evals = _eval_log_probs(run) if isinstance(run, Run) else None
+        evals = run.eval_log_probs if isinstance(run, Run) else None
         if evals is None or epoch not in evals.epochs:
             return None
         keep = np.asarray(evals.labels) >= 0
