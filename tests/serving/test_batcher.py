@@ -114,3 +114,20 @@ def test_a_cancelled_request_is_not_computed():
     assert gate.batches == [[1], [3]]
     batcher.close(10)
     assert batcher.pending == 0
+
+
+def test_after_pass_runs_once_per_pass_and_its_failure_does_not_stop_the_worker():
+    calls = []
+
+    def after_pass():
+        calls.append(len(calls))
+        if len(calls) == 1:
+            raise RuntimeError("after_pass broke")
+
+    batcher = Batcher(lambda items: [i * 10 for i in items], max_wait_s=0, after_pass=after_pass)
+    batcher.start()
+    assert batcher.submit([1]).result(10) == [10]
+    assert batcher.submit([2, 3]).result(10) == [20, 30]
+    batcher.close(10)
+    assert calls == [0, 1]
+    assert batcher.passes == 2

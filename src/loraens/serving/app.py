@@ -20,6 +20,7 @@ from loraens.provenance import library_versions
 from loraens.rundir.layout import RunDir
 from loraens.rundir.load import LoadedEnsemble, load_run
 from loraens.serving.batcher import Batcher, Closed, QueueFull
+from loraens.serving.memory import release_freed_memory
 from loraens.serving.predictor import Predictor
 from loraens.serving.schemas import Answer, Health, Info, PredictRequest, PredictResponse
 
@@ -94,6 +95,7 @@ def create_app(loaded: LoadedEnsemble, run_dir: str | Path, settings: ServeSetti
         max_wait_s=settings.max_wait_ms / 1000,
         max_pending=settings.max_queue,
         gather=not settings.naive,
+        after_pass=release_freed_memory,
     )
 
     @asynccontextmanager

@@ -45,7 +45,8 @@ class Batcher:
     """Feed ``process(items) -> results`` (one result per item, same order) from many callers.
 
     With ``gather=False`` every request is processed on its own as soon as the worker is free
-    (the naive server the load test compares against).
+    (the naive server the load test compares against). ``after_pass`` runs on the worker after
+    every pass, once its results are handed out (the server returns freed memory there).
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Batcher:
         max_wait_s: float = 0.005,
         max_pending: int = 1024,
         gather: bool = True,
+        after_pass: Callable[[], object] | None = None,
     ):
         if max_batch < 1 or max_pending < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_pending must be >= 1 and max_wait_s >= 0.")
@@ -64,6 +66,7 @@ class Batcher:
         self.max_wait_s = max_wait_s
         self.max_pending = max_pending
         self.gather = gather
+        self._after_pass = after_pass
         self._queue: deque[_Job] = deque()
         self._queued = 0  # questions in _queue
         self._pending = 0  # questions queued or being computed
@@ -147,3 +150,8 @@ class Batcher:
             finally:
                 with self._lock:
                     self._pending -= sum(len(job.items) for job in jobs)
+            if items and self._after_pass is not None:
+                try:
+                    self._after_pass()
+                except Exception:
+                    log.exception("after_pass failed")
