@@ -1,0 +1,105 @@
+"""Two levers on the training step, each timed on its own (issue 16's list), fwd + bwd:
+
+    .venv/bin/python bench/levers.py attention --rows 15 --widths 128,240,480
+    .venv/bin/python bench/levers.py compile --rows 5 --width 240
+
+``attention`` times scaled_dot_product_attention forward + backward at SmolLM2-135M's head shapes
+(9 heads of 64), flash against math backend, with the block-diagonal causal mask of packed rows
+(questions of ``--segment`` tokens) and with plain causal attention.
+
+``compile`` times one training pass of the stacked-LoRA decoder (M = ``--rows`` members, one
+packed row each, fp32, the real default model) eager and under ``torch.compile`` (inductor),
+after one warm-up pass whose time (the compilation) is reported separately.
+
+Medians of the timed repeats; run on an otherwise idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+
+def timed(step: Callable[[], None], repeats: int) -> tuple[float, float]:
+    """(seconds of the first call, median seconds of the next ``repeats``)."""
+    start = time.perf_counter()
+    step()
+    first = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return first, statistics.median(times)
+
+
+def attention(args: argparse.Namespace) -> None:
+    for width in (int(w) for w in args.widths.split(",")):
+        shape = (args.rows, 9, width, 64)
+        q, k, v = (torch.randn(shape, requires_grad=True) for _ in range(3))
+        segment = torch.arange(width) // args.segment
+        packed = (segment[:, None] == segment[None, :]) & torch.ones(width, width).bool().tril()
+        for name, backend, kwargs in [
+            ("flash, packed mask", SDPBackend.FLASH_ATTENTION, {"attn_mask": packed}),
+            ("math, packed mask", SDPBackend.MATH, {"attn_mask": packed}),
+            ("flash, causal", SDPBackend.FLASH_ATTENTION, {"is_causal": True}),
+            ("math, causal", SDPBackend.MATH, {"is_causal": True}),
+        ]:
+
+            def step(backend=backend, kwargs=kwargs, qkv=(q, k, v)) -> None:
+                with sdpa_kernel(backend):
+                    F.scaled_dot_product_attention(*qkv, **kwargs).sum().backward()
+
+            _, median = timed(step, args.repeats)
+            print(f"rows {args.rows} width {width} {name}: {median * 1000:.1f} ms", flush=True)
+
+
+def compile_(args: argparse.Namespace) -> None:
+    from loraens.models.loading import default_model_dir, load_base_model
+    from loraens.models.lora import LoRAEnsemble
+
+    torch.manual_seed(0)
+    model = load_base_model(str(default_model_dir())).model.float()
+    ensemble = LoRAEnsemble(model, n_members=args.rows)
+    ensemble.init_members(list(range(args.rows)))
+    for layer in ensemble.lora_layers.values():
+        torch.nn.init.normal_(layer.lora_B, std=0.01)  # B = 0 would leave A without gradient
+    decoder = model.get_decoder()
+    ids = torch.randint(0, model.config.vocab_size, (args.rows, args.width))
+    positions = (torch.arange(args.width) % args.segment).expand(args.rows, -1).contiguous()
+    for mode in ("eager", "compile"):
+        forward = decoder if mode == "eager" else torch.compile(decoder, dynamic=args.dynamic)
+
+        def step(forward=forward) -> None:
+            hidden = forward(input_ids=ids, position_ids=positions, use_cache=False)
+            hidden.last_hidden_state[:, :: args.segment].pow(2).mean().backward()
+
+        first, median = timed(step, args.repeats)
+        print(f"{mode}: first pass {first:.1f} s, then median {median:.3f} s", flush=True)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="lever", required=True)
+    a = sub.add_parser("attention")
+    a.add_argument("--rows", type=int, default=15)
+    a.add_argument("--widths", default="128,240,480")
+    c = sub.add_parser("compile")
+    c.add_argument("--rows", type=int, default=5)
+    c.add_argument("--width", type=int, default=240)
+    c.add_argument("--dynamic", action="store_true", help="torch.compile(dynamic=True)")
+    for s in (a, c):
+        s.add_argument("--segment", type=int, default=60, help="tokens per packed question")
+        s.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    {"attention": attention, "compile": compile_}[args.lever](args)
+
+
+if __name__ == "__main__":
+    main()
