@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.special import log_softmax, logsumexp
 from test_report import read_csv, write_few_shot_run, write_train_run
-from test_report_decisions import ENSEMBLE_T, _calibrate
+from test_report_decisions import ENSEMBLE_T, MEMBER_T, _calibrate
 
 from loraens.experiments.report import write_report
 from loraens.experiments.size_ablation import read_prediction_pool
@@ -187,6 +187,22 @@ def test_other_methods_minus_the_reference_ensemble_pair_by_seed(differences):
         _check(row, _expected([scaled], [ref[0]], y, metric), "0")
         if metric == "accuracy":  # TS never changes the answer
             assert float(row["difference"]) == 0.0 and row["verdict"] == "not shown"
+
+
+def test_ensemble_gain_after_temperature_scaling_scales_each_member_by_its_own_t(differences):
+    runs, rows, _ = differences
+    lp, y = _final(runs["ref", 0])
+    chosen = {
+        r["metric"]: r
+        for r in rows
+        if r["claim"] == ENSEMBLE_GAIN and r["a"] == "LoRA ens. (M=3) + TS"
+    }
+    assert set(chosen) == {"nll", "ece", "accuracy", "brier", "wrong_confidence"}
+    ensemble = log_softmax(_ensemble(lp) / ENSEMBLE_T, axis=1)
+    members = np.stack([log_softmax(x / t, axis=1) for x, t in zip(lp, MEMBER_T, strict=True)])
+    for metric, row in chosen.items():
+        assert row["b"] == "mean single member + TS"
+        _check(row, _expected([ensemble], [members], y, metric), "0")
 
 
 def test_over_confidence_is_the_mean_member_last_minus_first_epoch(differences):

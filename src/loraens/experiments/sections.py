@@ -884,6 +884,40 @@ def _ensemble_gain_rows(ref: _Reference) -> list[dict]:
     ]
 
 
+def _calibrated_gain_rows(ref: _Reference, panel: Panel) -> list[dict]:
+    """The temperature-scaled ensemble minus its temperature-scaled members (each with its own
+    T): what ensembling adds once every model is calibrated on the hold-out."""
+    scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for seed, run in ref.runs.items():
+        if not run.is_calibrated:
+            continue
+        try:
+            temps = read_decisions(run.path).temperatures
+        except (OSError, ValueError) as error:
+            panel.notes.append(f"cannot read the calibration of seed {seed}: {error}")
+            continue
+        members = ref.finals[seed].member_log_probs
+        if temps is not None and len(temps.members) == members.shape[0]:
+            scaled[seed] = (temps.ensemble_scaled(members), temps.members_scaled(members))
+    seeds = sorted(scaled)
+    if not seeds:
+        return []
+    return [
+        _difference_row(
+            ref.task,
+            ENSEMBLE_GAIN_CLAIM,
+            metric,
+            f"{ref.name} + TS",
+            "mean single member + TS",
+            seeds,
+            paired_difference(
+                [scaled[s][0] for s in seeds], [scaled[s][1] for s in seeds], ref.labels, metric
+            ),
+        )
+        for metric in ENSEMBLE_GAIN_METRICS
+    ]
+
+
 def _overconfidence_rows(ref: _Reference, panel: Panel) -> list[dict]:
     """The mean single member's NLL and ECE at the last evaluated epoch minus the first."""
     last: dict[int, np.ndarray] = {}
@@ -998,6 +1032,7 @@ def _differences(rs: RunSet, task: str) -> Panel:
     calibrated = [r for r in reference.runs.values() if r.is_calibrated]
     if calibrated:
         reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
+        panel.rows += _calibrated_gain_rows(reference, panel)
     panel.rows += _overconfidence_rows(reference, panel)
     return panel
 
