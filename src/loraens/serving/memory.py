@@ -27,7 +27,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
     try:
         libc = ctypes.CDLL(None)
         trim = libc.malloc_trim  # glibc only: musl and macOS have no such function
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         log.debug("no malloc_trim in this C library: freed memory stays with the allocator")
         return None
     trim.argtypes = [ctypes.c_size_t]
