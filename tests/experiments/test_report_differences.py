@@ -116,6 +116,7 @@ def differences(tmp_path_factory):
     # KL strength is compared), MC dropout on seed 0 only, seed 5 of nothing the reference has.
     runs["kl2", 0] = write_train_run(arce / "kl2" / "s0", epochs=3, kl_beta=0.1)
     runs["mc", 0] = write_train_run(arce / "mc" / "s0", epochs=3, method="mc_dropout", dropout=0.1)
+    runs["lora_do", 0] = write_train_run(arce / "lora_do" / "s0", epochs=3, dropout=0.1)
     write_train_run(arce / "lonely" / "s5", seed=5, epochs=3, weight_decay=100.0, decay_target="A")
     # B-decay scored on 30 questions, not the reference's 40: not comparable.
     write_train_run(arce / "b" / "s0", epochs=3, weight_decay=100.0, decay_target="B", n_eval=30)
@@ -165,6 +166,7 @@ def test_other_methods_minus_the_reference_ensemble_pair_by_seed(differences):
         kl,
         ("last", (0, 1), "last-layer ens."),
         ("mc", (0,), "MC dropout 0.1"),
+        ("lora_do", (0,), "LoRA ens. + dropout 0.1"),  # Fig. 4's partner of MC dropout
     ]
     for key, seeds, label in compared:
         chosen = _rows(rows, f"{label} (M=3)")
@@ -224,7 +226,11 @@ def test_over_confidence_is_the_mean_member_last_minus_first_epoch(differences):
 def test_every_compared_ensemble_gets_its_own_gain_over_its_members(differences):
     runs, rows, _ = differences
     y = _final(runs["last", 0])[1]
-    for key, seeds, label in (("last", (0, 1), "last-layer ens."), ("mc", (0,), "MC dropout 0.1")):
+    for key, seeds, label in (
+        ("last", (0, 1), "last-layer ens."),
+        ("mc", (0,), "MC dropout 0.1"),
+        ("lora_do", (0,), "LoRA ens. + dropout 0.1"),
+    ):
         finals = [_final(runs[key, s])[0] for s in seeds]
         chosen = {
             r["metric"]: r

@@ -1016,6 +1016,10 @@ def _differences(rs: RunSet, task: str) -> Panel:
     regularised = [s for s in rs.variants(task, is_plain_lora, ref) if s.first.family != "none"]
     others = _one_per_family(regularised) if regularised else []
     others += rs.variants(task, lambda r: r.method == "mc_dropout", ref)
+    # Fig. 4's partner of MC dropout: a LoRA ensemble trained with the same adapter dropout.
+    others += rs.variants(
+        task, lambda r: r.method == "lora" and r.dropout > 0 and r.family == "none", ref
+    )
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
     for s in others:
         name = f"{s.first.label} (M={s.first.members})"
