@@ -60,15 +60,8 @@ class EnsembleLoRALinear(nn.Module):
         n_active = lora_A.shape[0]
         rows = x.reshape(n_active, -1, x.shape[-1])  # (members, rows·tokens, in)
         low_rank = torch.bmm(self.dropout(rows), lora_A.transpose(1, 2).to(rows.dtype))
-        # baddbmm adds the scaled update inside the GEMM: no separate scale and add passes
-        # over the (tokens, out) activation, forward or backward.
-        out = torch.baddbmm(
-            out.reshape(n_active, -1, out.shape[-1]),
-            low_rank.to(out.dtype),
-            lora_B.transpose(1, 2).to(out.dtype),
-            alpha=self.scaling,
-        )
-        return out.reshape(x.shape[:-1] + (out.shape[-1],))
+        update = torch.bmm(low_rank, lora_B.transpose(1, 2).to(low_rank.dtype))
+        return out + (self.scaling * update).reshape(out.shape).to(out.dtype)
 
 
 class LoRAEnsemble(nn.Module):
