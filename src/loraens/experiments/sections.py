@@ -35,6 +35,7 @@ from loraens.config import OptimConfig
 from loraens.decisions.selective import risk_coverage
 from loraens.decisions.stored import read_decisions
 from loraens.decisions.tables import DECISION_COLUMNS, decision_rows, variants
+from loraens.decisions.temperature import Temperatures
 from loraens.evaluation.intervals import (
     DEFAULT_RESAMPLES,
     Difference,
@@ -884,20 +885,15 @@ def _ensemble_gain_rows(ref: _Reference) -> list[dict]:
     ]
 
 
-def _calibrated_gain_rows(ref: _Reference, panel: Panel) -> list[dict]:
+def _calibrated_gain_rows(ref: _Reference) -> list[dict]:
     """The temperature-scaled ensemble minus its temperature-scaled members (each with its own
     T): what ensembling adds once every model is calibrated on the hold-out."""
     scaled: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for seed, run in ref.runs.items():
-        if not run.is_calibrated:
-            continue
-        try:
-            temps = read_decisions(run.path).temperatures
-        except (OSError, ValueError) as error:
-            panel.notes.append(f"cannot read the calibration of seed {seed}: {error}")
-            continue
-        members = ref.finals[seed].member_log_probs
-        if temps is not None and len(temps.members) == members.shape[0]:
+        final = ref.finals[seed]
+        temps = _temperatures(run, final) if run.is_calibrated else None
+        if temps is not None:
+            members = final.member_log_probs
             scaled[seed] = (temps.ensemble_scaled(members), temps.members_scaled(members))
     seeds = sorted(scaled)
     if not seeds:
@@ -958,7 +954,8 @@ def _overconfidence_rows(ref: _Reference, panel: Panel) -> list[dict]:
     ]
 
 
-def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
+def _temperatures(run: Run | FewShotRun, final: _Final) -> Temperatures | None:
+    """The run's fitted temperatures, when they fit its final members (None otherwise)."""
     try:
         temps = read_decisions(run.path).temperatures
     except (OSError, ValueError) as error:
@@ -966,7 +963,12 @@ def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | No
         return None
     if temps is None or len(temps.members) != final.member_log_probs.shape[0]:
         return None
-    return temps.ensemble_scaled(final.member_log_probs)
+    return temps
+
+
+def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
+    temps = _temperatures(run, final)
+    return None if temps is None else temps.ensemble_scaled(final.member_log_probs)
 
 
 def _early_stop_epochs(ref: _Reference) -> list[int]:
@@ -1036,7 +1038,7 @@ def _differences(rs: RunSet, task: str) -> Panel:
     calibrated = [r for r in reference.runs.values() if r.is_calibrated]
     if calibrated:
         reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
-        panel.rows += _calibrated_gain_rows(reference, panel)
+        panel.rows += _calibrated_gain_rows(reference)
     panel.rows += _overconfidence_rows(reference, panel)
     return panel
 
