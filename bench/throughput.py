@@ -1210,7 +1210,11 @@ def main(argv=None) -> dict:
     for section in result["ours_by_precision"].values():
         repeats = section["details"].get("train_repeats")
         if repeats:
-            best = peaks["square_flops"][section["train"]["dtype"]]
+            # A 30 s window can beat the short trials of the peak measured at start and end.
+            best = max(
+                peaks["square_flops"][section["train"]["dtype"]],
+                *(r["sustained_matmul_flops_per_s"] for r in repeats),
+            )
             section["train_repeats"] = repeat_summary(repeats, useful_train, best)
     fraction = result["ours"]["train"]["achieved_fraction_of_peak"]
     if profile is not None and (args.profile == "on" or fraction < 0.7):
