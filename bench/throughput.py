@@ -1206,7 +1206,6 @@ def main(argv=None) -> dict:
                     stats[f"{kind}_fraction_of_peak"] = (
                         stats[f"{kind}_flops_per_s"] / stats["peak_flops_per_s"]
                     )
-    useful_train = useful_flops(shape, train_lengths, args.members, True, k)
     for section in result["ours_by_precision"].values():
         repeats = section["details"].get("train_repeats")
         if repeats:
@@ -1215,7 +1214,8 @@ def main(argv=None) -> dict:
                 peaks["square_flops"][section["train"]["dtype"]],
                 *(r["sustained_matmul_flops_per_s"] for r in repeats),
             )
-            section["train_repeats"] = repeat_summary(repeats, useful_train, best)
+            useful = section["train"]["useful_flops"]
+            section["train_repeats"] = repeat_summary(repeats, useful, best)
     fraction = result["ours"]["train"]["achieved_fraction_of_peak"]
     if profile is not None and (args.profile == "on" or fraction < 0.7):
         result["profile"] = profile

@@ -47,6 +47,7 @@ __all__ = [
     "Setting",
     "collect_runs",
     "distinct_values",
+    "is_dropout_lora",
     "is_plain_lora",
     "provenance",
 ]
@@ -281,6 +282,11 @@ def _cell_seed(cell: CellRecord | None, default: int) -> int:
 def is_plain_lora(run: Run) -> bool:
     """A LoRA ensemble without dropout, varying both initialisation and data order."""
     return run.method == "lora" and run.dropout == 0 and run.randomness == "init+data"
+
+
+def is_dropout_lora(run: Run) -> bool:
+    """A LoRA ensemble trained with adapter dropout: Fig. 4's partner of MC dropout."""
+    return run.method == "lora" and run.dropout > 0
 
 
 # ----------------------------------------------------------------------------- settings

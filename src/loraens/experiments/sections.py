@@ -53,6 +53,7 @@ from loraens.experiments.runs import (
     RunSet,
     Setting,
     distinct_values,
+    is_dropout_lora,
     is_plain_lora,
 )
 from loraens.experiments.size_ablation import (
@@ -403,7 +404,7 @@ _DROPOUT_COLORS = ("#8c564b", "#17becf", "#e377c2", "#bcbd22")
 def _fig_4(rs: RunSet, task: str) -> Panel:
     ref = rs.reference(task)
     mc = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
-    ens = rs.variants(task, lambda r: r.method == "lora" and r.dropout > 0, ref)
+    ens = rs.variants(task, is_dropout_lora, ref)
     panel = Panel([])
     for i, s in enumerate(mc + ens):
         panel.data += _series(s, "eval", METRICS[:3], _DROPOUT_COLORS[i % len(_DROPOUT_COLORS)])
@@ -1018,10 +1019,7 @@ def _differences(rs: RunSet, task: str) -> Panel:
     regularised = [s for s in rs.variants(task, is_plain_lora, ref) if s.first.family != "none"]
     others = _one_per_family(regularised) if regularised else []
     others += rs.variants(task, lambda r: r.method == "mc_dropout", ref)
-    # Fig. 4's partner of MC dropout: a LoRA ensemble trained with the same adapter dropout.
-    others += rs.variants(
-        task, lambda r: r.method == "lora" and r.dropout > 0 and r.family == "none", ref
-    )
+    others += rs.variants(task, lambda r: is_dropout_lora(r) and r.family == "none", ref)
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
     for s in others:
         name = f"{s.first.label} (M={s.first.members})"
