@@ -8,10 +8,11 @@ import math
 import numpy as np
 import pytest
 from scipy.special import logsumexp
-from scipy.stats import bootstrap
+from scipy.stats import bootstrap, entropy
 
 from loraens.evaluation.intervals import (
     METRIC_FUNCTIONS,
+    diversity_difference,
     ensemble_minus_single,
     paired_difference,
 )
@@ -195,6 +196,64 @@ def test_an_impossible_true_option_makes_the_resamples_drawing_it_infinite():
     assert math.isnan(both.low) and math.isnan(both.high) and not both.shown
 
 
+def _diversity_loop(members: np.ndarray, measure: str, rows: np.ndarray) -> float:
+    """A member stack's mean diversity on the questions ``rows``, one question at a time, with
+    scipy's entropy (padding is probability 0)."""
+    values = []
+    for i in rows:
+        p = np.exp(members[:, i])  # (M, K)
+        mean = p.mean(axis=0)
+        if measure == "mutual_information":
+            values.append(entropy(mean) - np.mean([entropy(q) for q in p]))
+        else:  # disagreement: members whose top option is not the mean's
+            values.append(np.mean(p.argmax(axis=1) != mean.argmax()))
+    return float(np.mean(values))
+
+
+@pytest.mark.parametrize("measure", ["mutual_information", "disagreement"])
+def test_diversity_difference_equals_a_loop_over_the_same_draws(seeds_data, measure):
+    """Members of two seeds (3 members, padded options) against 5 MC-dropout-like passes with
+    another K: A and B are compared seed by seed on one draw per resample."""
+    members, labels = seeds_data
+    rng = np.random.default_rng(3)
+    passes = [_log_probs(rng, (5, len(labels), 6), 3.0, k_present=np.full(len(labels), 4))]
+    passes.append(_log_probs(rng, (5, len(labels), 6), 0.3, k_present=np.full(len(labels), 4)))
+    d = diversity_difference(members, passes, measure, n_resamples=200, seed=4)
+    n = len(labels)
+    everything = np.arange(n)
+    per_seed = [
+        _diversity_loop(x, measure, everything) - _diversity_loop(z, measure, everything)
+        for x, z in zip(members, passes, strict=True)
+    ]
+    assert d.per_seed == pytest.approx(per_seed, abs=1e-10)
+    assert d.a == pytest.approx(np.mean([_diversity_loop(x, measure, everything) for x in members]))
+    idx = np.random.default_rng(4).integers(0, n, size=(200, n))
+    stats = [
+        np.mean(
+            [
+                _diversity_loop(x, measure, rows) - _diversity_loop(z, measure, rows)
+                for x, z in zip(members, passes, strict=True)
+            ]
+        )
+        for rows in idx
+    ]
+    assert (d.low, d.high) == pytest.approx(tuple(np.percentile(stats, [2.5, 97.5])), abs=1e-10)
+    assert (d.n_seeds, d.n_questions, d.n_resamples) == (2, n, 200)
+
+
+def test_members_alike_are_shown_less_diverse():
+    rng = np.random.default_rng(12)
+    n = 200
+    base = _log_probs(rng, (n, 4))
+    alike = np.stack([base] * 4)  # identical members: no diversity at all
+    apart = _log_probs(rng, (4, n, 4), 0.3)  # sharp, independent members
+    for measure in ("mutual_information", "disagreement"):
+        d = diversity_difference([alike], [apart], measure)
+        assert d.a == pytest.approx(0.0, abs=1e-12) and d.shown and d.high < 0, measure
+        same = diversity_difference([apart], [apart], measure)
+        assert (same.estimate, same.shown) == (0.0, False)
+
+
 def test_inputs_are_checked(seeds_data):
     members, labels = seeds_data
     with pytest.raises(ValueError, match="metric"):
@@ -203,3 +262,7 @@ def test_inputs_are_checked(seeds_data):
         ensemble_minus_single(members, labels[:-1], "nll")
     with pytest.raises(ValueError, match="same number"):
         paired_difference(members, members[:1], labels, "nll")
+    with pytest.raises(ValueError, match="measure"):
+        diversity_difference(members, members, "variance")
+    with pytest.raises(ValueError, match="same number of questions"):
+        diversity_difference(members, [m[:, :-1] for m in members], "disagreement")

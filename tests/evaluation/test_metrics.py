@@ -12,6 +12,7 @@ from loraens.evaluation.metrics import (
     accuracy,
     auroc,
     brier,
+    disagreement,
     ece,
     ensemble_log_probs,
     max_prob,
@@ -232,6 +233,20 @@ def test_mutual_information_disagreeing_members():
     expected = _entropy(0.7, 0.3) - (_entropy(0.9, 0.1) + _entropy(0.5, 0.5)) / 2
     assert mi[1] == pytest.approx(expected, rel=1e-12)
     assert mi[1] > 0
+
+
+def test_disagreement_hand_values():
+    # Question 0: members answer 0, 0, 1; the mean [0.5, 0.43, 0.07] answers 0, so 1 of 3 members
+    # disagrees. Question 1 (2 options, padded): all answer 1. Question 2: members answer 0, 2,
+    # 1 and the ensemble [0.4, 0.35, 0.25] answers 0: 2 of 3 disagree.
+    members = log(
+        [
+            [[0.8, 0.1, 0.1], [0.2, 0.8, 0.0], [0.6, 0.3, 0.1]],
+            [[0.6, 0.3, 0.1], [0.4, 0.6, 0.0], [0.3, 0.25, 0.45]],
+            [[0.1, 0.9, 0.0], [0.1, 0.9, 0.0], [0.3, 0.5, 0.2]],
+        ]
+    )
+    np.testing.assert_allclose(disagreement(members), [1 / 3, 0.0, 2 / 3], atol=1e-12)
 
 
 def test_auroc_perfect_reversed_and_ties():

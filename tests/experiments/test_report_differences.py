@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.special import log_softmax, logsumexp
+from scipy.stats import entropy
 from test_report import read_csv, write_few_shot_run, write_train_run
 from test_report_decisions import ENSEMBLE_T, MEMBER_T, _calibrate
 
@@ -19,6 +20,8 @@ from loraens.rundir import RunDir
 
 RESAMPLES = 2000  # the report's default
 ENSEMBLE_GAIN = "ensemble − mean single member"
+VERSUS = "method − reference ensemble"
+DIVERSITY = "members' diversity: method − reference"
 N_BINS = 15
 
 
@@ -128,7 +131,7 @@ def differences(tmp_path_factory):
 
 
 def _rows(rows: list[dict], a: str) -> dict[str, dict]:
-    chosen = {r["metric"]: r for r in rows if r["a"] == a and r["claim"] != ENSEMBLE_GAIN}
+    chosen = {r["metric"]: r for r in rows if r["a"] == a and r["claim"] == VERSUS}
     assert chosen, f"no rows for {a!r} in {sorted({r['a'] for r in rows})}"
     return chosen
 
@@ -242,6 +245,51 @@ def test_every_compared_ensemble_gets_its_own_gain_over_its_members(differences)
             assert row["b"] == "its mean single member"
             expected = _expected([_ensemble(lp) for lp in finals], finals, y, metric)
             _check(row, expected, " ".join(map(str, seeds)))
+
+
+def _diversity(members: np.ndarray, measure: str, rows: np.ndarray) -> np.ndarray:
+    """(R + 1,) the members' mean diversity on all questions (row 0) and on every resample:
+    mutual information from scipy's entropy, or the share of members not answering as the
+    ensemble does."""
+    p = np.exp(members)  # (M, N, K)
+    mean = p.mean(axis=0)
+    if measure == "mutual_information":
+        per_question = entropy(mean, axis=1) - entropy(p, axis=2).mean(axis=0)
+    else:
+        per_question = (p.argmax(axis=2) != mean.argmax(axis=1)).mean(axis=0)
+    return per_question[rows].mean(axis=1)
+
+
+def test_every_compared_ensemble_gets_its_members_diversity_against_the_reference(differences):
+    runs, rows, _ = differences
+    y = _final(runs["ref", 0])[1]
+    idx = np.random.default_rng(0).integers(0, len(y), size=(RESAMPLES, len(y)))
+    every = np.vstack([np.arange(len(y)), idx])
+    for key, seeds, label in (
+        ("last", (0, 1), "last-layer ens."),
+        ("mc", (0,), "MC dropout 0.1"),
+        ("lora_do", (0,), "LoRA ens. + dropout 0.1"),
+    ):
+        chosen = {
+            r["metric"]: r for r in rows if r["a"] == f"{label} (M=3)" and r["claim"] == DIVERSITY
+        }
+        assert set(chosen) == {"mutual_information", "disagreement"}
+        for measure, row in chosen.items():
+            assert row["b"] == "LoRA ens. (M=3)"
+            diffs = np.array(
+                [
+                    _diversity(_final(runs[key, s])[0], measure, every)
+                    - _diversity(_final(runs["ref", s])[0], measure, every)
+                    for s in seeds
+                ]
+            )
+            low, high = np.percentile(diffs[:, 1:].mean(axis=0), [2.5, 97.5])
+            expected = {"per_seed": diffs[:, 0], "difference": diffs[:, 0].mean()}
+            _check(row, expected | {"low": low, "high": high}, " ".join(map(str, seeds)))
+    # Early stopping and temperature scaling have no members of their own to compare.
+    assert not [
+        r for r in rows if r["claim"] == DIVERSITY and ("stopped" in r["a"] or "TS" in r["a"])
+    ]
 
 
 def test_early_stopping_is_the_reference_ensemble_at_an_earlier_epoch(differences):

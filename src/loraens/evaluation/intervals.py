@@ -20,6 +20,9 @@ ensemble, the M members for "the mean single member", the D draws for few-shot. 
 scores are computed for every resample at once (see :func:`_resampled_scores`), not by a loop
 over resamples: accuracy, NLL and Brier are means of per-question terms, and ECE is a sum over
 bins of |Σ (correct − confidence)| / N, whose bins do not change under resampling.
+
+The members' diversity (mutual information, disagreement) is a mean of per-question terms of
+a model's member stack; its differences use the same draws (:func:`diversity_difference`).
 """
 
 from __future__ import annotations
@@ -36,8 +39,10 @@ from loraens.evaluation.metrics import ECE_BINS, confidence_bin, ensemble_log_pr
 
 __all__ = [
     "DEFAULT_RESAMPLES",
+    "DIVERSITY_FUNCTIONS",
     "METRIC_FUNCTIONS",
     "Difference",
+    "diversity_difference",
     "ensemble_minus_single",
     "paired_difference",
 ]
@@ -54,6 +59,13 @@ METRIC_FUNCTIONS: dict[str, Callable[[ArrayLike, ArrayLike], float]] = {
     "ece": metrics.ece,
     "brier": metrics.brier,
     "wrong_confidence": metrics.wrong_confidence,
+}
+
+# How much an ensemble's members differ, per question; a difference of their means over
+# questions needs no labels (Fig. 2's "members stay alike" made a number).
+DIVERSITY_FUNCTIONS: dict[str, Callable[[ArrayLike], FloatArray]] = {
+    "mutual_information": metrics.mutual_information,
+    "disagreement": metrics.disagreement,
 }
 
 
@@ -194,6 +206,13 @@ def _score(stack: FloatArray, y: NDArray[np.int64], metric: str) -> float:
     return float(np.mean([METRIC_FUNCTIONS[metric](x, y) for x in stack]))
 
 
+def _check_seeds(a: Sequence, b: Sequence, n_resamples: int, level: float) -> None:
+    if len(a) != len(b) or not a:
+        raise ValueError(f"a and b need the same number (>= 1) of seeds, got {len(a)}, {len(b)}")
+    if n_resamples < 1 or not 0 < level < 1:
+        raise ValueError(f"need n_resamples >= 1 and 0 < level < 1, got {n_resamples}, {level}")
+
+
 def paired_difference(
     a: Sequence[ArrayLike],
     b: Sequence[ArrayLike],
@@ -214,10 +233,7 @@ def paired_difference(
     """
     if metric not in METRIC_FUNCTIONS:
         raise ValueError(f"metric must be one of {sorted(METRIC_FUNCTIONS)}, got {metric!r}")
-    if len(a) != len(b) or not a:
-        raise ValueError(f"a and b need the same number (>= 1) of seeds, got {len(a)}, {len(b)}")
-    if n_resamples < 1 or not 0 < level < 1:
-        raise ValueError(f"need n_resamples >= 1 and 0 < level < 1, got {n_resamples}, {level}")
+    _check_seeds(a, b, n_resamples, level)
     y = np.asarray(labels)
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"labels must be a 1-d integer array, got {y.dtype} {y.shape}")
@@ -231,7 +247,6 @@ def paired_difference(
     n = len(y)
     a_values = [_score(x, y, metric) for x, _ in stacks]
     b_values = [_score(z, y, metric) for _, z in stacks]
-    per_seed = tuple(float(u - v) for u, v in zip(a_values, b_values, strict=True))
 
     counts = _resample_counts(n, n_resamples, seed)
     with np.errstate(invalid="ignore"):  # inf − inf = NaN: that resample's difference is undefined
@@ -242,18 +257,65 @@ def paired_difference(
             ],
             axis=0,
         )
+    return _difference(a_values, b_values, resampled, n, level)
+
+
+def _difference(
+    a_values: Sequence[float],
+    b_values: Sequence[float],
+    resampled: FloatArray,
+    n: int,
+    level: float,
+) -> Difference:
+    """The Difference from each seed's A and B on all questions and the resampled statistics."""
+    per_seed = tuple(float(u - v) for u, v in zip(a_values, b_values, strict=True))
     tail = (1 - level) / 2
-    low, high = _percentile(resampled, tail), _percentile(resampled, 1 - tail)
     return Difference(
         estimate=float(np.mean(per_seed)),
-        low=low,
-        high=high,
+        low=_percentile(resampled, tail),
+        high=_percentile(resampled, 1 - tail),
         per_seed=per_seed,
         a=float(np.mean(a_values)),
         b=float(np.mean(b_values)),
         n_questions=n,
-        n_resamples=n_resamples,
+        n_resamples=len(resampled),
         level=level,
+    )
+
+
+def diversity_difference(
+    a_members: Sequence[ArrayLike],
+    b_members: Sequence[ArrayLike],
+    measure: str,
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Difference:
+    """A − B of how much a model's members differ, over seeds, with the same paired bootstrap
+    over questions (and the same draws) as :func:`paired_difference`.
+
+    ``a_members`` and ``b_members`` hold one (M, N, K) stack per seed (members, MC dropout
+    passes; A and B may differ in M and K) scoring the same N questions. ``measure`` is a key
+    of :data:`DIVERSITY_FUNCTIONS`; a stack's value is the mean over questions of its
+    per-question measure, which needs no labels.
+    """
+    if measure not in DIVERSITY_FUNCTIONS:
+        raise ValueError(f"measure must be one of {sorted(DIVERSITY_FUNCTIONS)}, got {measure!r}")
+    _check_seeds(a_members, b_members, n_resamples, level)
+    f = DIVERSITY_FUNCTIONS[measure]
+    terms = [(f(x), f(z)) for x, z in zip(a_members, b_members, strict=True)]
+    n = len(terms[0][0])
+    if any(len(x) != n or len(z) != n for x, z in terms):
+        raise ValueError("every seed's A and B must score the same number of questions")
+    counts = _resample_counts(n, n_resamples, seed)
+    resampled = np.mean([counts @ (x - z) / n for x, z in terms], axis=0)
+    return _difference(
+        [float(np.mean(x)) for x, _ in terms],
+        [float(np.mean(z)) for _, z in terms],
+        resampled,
+        n,
+        level,
     )
 
 

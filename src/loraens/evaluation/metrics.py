@@ -28,6 +28,7 @@ __all__ = [
     "auroc",
     "brier",
     "confidence_bin",
+    "disagreement",
     "ece",
     "ensemble_log_probs",
     "max_prob",
@@ -288,6 +289,14 @@ def mutual_information(member_log_probs: ArrayLike) -> FloatArray:
     """
     lp = _as_member_log_probs(member_log_probs)
     return _entropy(ensemble_log_probs(lp)) - np.mean(_entropy(lp), axis=0)
+
+
+def disagreement(member_log_probs: ArrayLike) -> FloatArray:
+    """Per-question share of members whose top option differs from the ensemble's, shape (N,):
+    0 when every member picks the ensemble's answer (ties: lowest index, as in accuracy)."""
+    lp = _as_member_log_probs(member_log_probs)
+    ensemble_top = np.argmax(ensemble_log_probs(lp), axis=1)
+    return np.mean(np.argmax(lp, axis=2) != ensemble_top, axis=0)
 
 
 def auroc(scores_in: ArrayLike, scores_out: ArrayLike) -> float:

@@ -8,7 +8,12 @@ import numpy as np
 
 from loraens.data.prompts import LETTERS
 from loraens.data.records import Question
-from loraens.evaluation.metrics import ensemble_log_probs, mutual_information, predictive_entropy
+from loraens.evaluation.metrics import (
+    disagreement,
+    ensemble_log_probs,
+    mutual_information,
+    predictive_entropy,
+)
 from loraens.io import write_jsonl_atomic
 
 
@@ -16,21 +21,19 @@ def probability_rows(questions: list[Question], member_log_probs: np.ndarray) ->
     """Per-question records of every member's probabilities and the ensemble's."""
     ensemble = np.exp(ensemble_log_probs(member_log_probs))
     members = np.exp(member_log_probs)
+    # The disagreement a user can act on (0 = unanimous).
+    disagree = disagreement(member_log_probs)
     rows = []
     for i, q in enumerate(questions):
         k = len(q.choices)
-        member_probs = members[:, i, :k]
-        top = member_probs.argmax(axis=1)
         rows.append(
             {
                 "id": q.id,
                 "answer": q.answer,
                 "prediction": int(ensemble[i, :k].argmax()),
                 "ensemble_probs": ensemble[i, :k].round(6).tolist(),
-                "member_probs": member_probs.round(6).tolist(),
-                # Share of members whose top choice differs from the ensemble's: the
-                # disagreement a user can act on (0 = unanimous).
-                "disagreement": float(np.mean(top != ensemble[i, :k].argmax())),
+                "member_probs": members[:, i, :k].round(6).tolist(),
+                "disagreement": float(disagree[i]),
             }
         )
     return rows

@@ -39,6 +39,7 @@ from loraens.decisions.temperature import Temperatures
 from loraens.evaluation.intervals import (
     DEFAULT_RESAMPLES,
     Difference,
+    diversity_difference,
     ensemble_minus_single,
     paired_difference,
 )
@@ -722,8 +723,11 @@ ENSEMBLE_GAIN_METRICS = ("nll", "ece", "accuracy", "brier", "wrong_confidence")
 VERSUS_METRICS = ("nll", "ece", "accuracy")  # another method − the reference ensemble
 # the mean single member, last − first evaluated epoch
 OVERCONFIDENCE_METRICS = ("nll", "ece", "wrong_confidence")
+# how much the members differ: another ensemble's members − the reference's (no labels needed)
+DIVERSITY_MEASURES = ("mutual_information", "disagreement")
 ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
 VERSUS_CLAIM = "method − reference ensemble"
+DIVERSITY_CLAIM = "members' diversity: method − reference"
 OVERCONFIDENCE_CLAIM = "over-confidence: last − first epoch"
 DIFFERENCE_COLUMNS = (
     "task", "claim", "metric", "a", "b", "a_value", "b_value", "difference", "low", "high",
@@ -810,7 +814,8 @@ class _Reference:
         """Rows of ``name`` − the reference ensemble, over the seeds both have on the same
         questions; ``model`` turns a run's final log-probs into the compared model's (N, K)
         log-probs or (J, N, K) stack (None: not available). With ``own_gain``, also the
-        compared ensemble minus its own mean member (Fig. 2's arrow, for every setting)."""
+        compared ensemble minus its own mean member (Fig. 2's arrow, for every setting) and
+        its members' diversity minus the reference members'."""
         mine: dict[int, np.ndarray] = {}
         members: dict[int, np.ndarray] = {}
         skipped = []
@@ -843,6 +848,12 @@ class _Reference:
                 d = ensemble_minus_single(stacks, self.labels, metric)
                 b = "its mean single member"
                 row = _difference_row(self.task, ENSEMBLE_GAIN_CLAIM, metric, name, b, seeds, d)
+                panel.rows.append(row)
+            references = [self.finals[s].member_log_probs for s in seeds]
+            for measure in DIVERSITY_MEASURES:
+                d = diversity_difference(stacks, references, measure)
+                ref = self.name
+                row = _difference_row(self.task, DIVERSITY_CLAIM, measure, name, ref, seeds, d)
                 panel.rows.append(row)
         panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
         panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
@@ -1221,6 +1232,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "questions. "
         "Every compared ensemble also gets its own ensemble − mean single member rows. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
+        "Members' diversity, for every compared ensemble against the reference's members: "
+        "mutual_information is the mean over questions of H[ensemble] − mean H[member] (nats), "
+        "disagreement the mean share of members whose answer is not the ensemble's. "
         "wrong_confidence is the mean confidence on wrongly answered questions (Fig. 1a). "
         "Numbers in differences.csv.",
         panel=_differences,
