@@ -852,8 +852,8 @@ class _Reference:
             references = [self.finals[s].member_log_probs for s in seeds]
             for measure in DIVERSITY_MEASURES:
                 d = diversity_difference(stacks, references, measure)
-                ref = self.name
-                row = _difference_row(self.task, DIVERSITY_CLAIM, measure, name, ref, seeds, d)
+                b = self.name  # its members against the reference's
+                row = _difference_row(self.task, DIVERSITY_CLAIM, measure, name, b, seeds, d)
                 panel.rows.append(row)
         panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
         panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
