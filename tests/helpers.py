@@ -12,10 +12,12 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.nn import functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from loraens.config import OptimConfig
+from loraens.config import DataConfig, ModelConfig, OptimConfig, TrainConfig
 from loraens.data.prompts import encode_questions, format_text_prompt, label_token_ids
 from loraens.data.records import Question
 from loraens.models.lora import LoRAEnsemble
+from loraens.models.peft_io import save_member
+from loraens.rundir import RunDir
 from loraens.runtime import Runtime
 from loraens.training.optim import build_optimizer
 from loraens.training.trainer import EnsembleTrainer
@@ -60,9 +62,14 @@ def make_questions(n: int, seed: int = 0, n_choices: int | None = None) -> list[
         k = n_choices or rng.randint(3, 5)
         key = rng.choice(words)
         answer = rng.randrange(k)
-        choices = [
-            key if j == answer else rng.choice([w for w in words if w != key]) for j in range(k)
-        ]
+        distractors = [w for w in words if w != key]
+        choices = [key if j == answer else rng.choice(distractors) for j in range(k)]
+        # Question files must not repeat a choice. Repeats become unused words without a new
+        # draw, so the random stream (and every other question) stays as it was.
+        unused = [w for w in distractors if w not in choices]
+        for j in range(k):
+            if choices[j] in choices[:j]:
+                choices[j] = unused.pop(0)
         questions.append(Question(f"q{i}", f"Which is {key}?", tuple(choices), answer))
     return questions
 
@@ -77,6 +84,23 @@ def train_argv(
         "--ensemble.members", str(members), "--optim.epochs", str(epochs), "--optim.lr", str(lr),
         "--optim.batch_size", str(batch_size), "--runtime.progress", "false", *extra,
     ]  # fmt: skip
+
+
+def write_untrained_run(
+    folder, model_dir, train, evaluation, members: int = 2, trust_remote_code: bool = False
+) -> RunDir:
+    """A run directory as `loraens train` leaves one, without training: its config and
+    ``members`` freshly initialised adapters (B = 0) for the model in ``model_dir``."""
+    run = RunDir(folder)
+    run.root.mkdir(parents=True)
+    model = ModelConfig(name_or_path=str(model_dir), trust_remote_code=trust_remote_code)
+    data = DataConfig(task=None, train_file=str(train), eval_file=str(evaluation))
+    run.write_config(TrainConfig(model=model, data=data))
+    ensemble = LoRAEnsemble(tiny_llama(len(tiny_tokenizer())), members)
+    ensemble.init_members(list(range(members)))
+    for m in range(members):
+        save_member(ensemble, m, run.root / "members" / f"member-{m:02d}", str(model_dir))
+    return run
 
 
 def encoded_tiny_data():

@@ -1,7 +1,10 @@
 """Reading users' question files: round trips per format and one test per validation rule."""
 
 import csv
+import errno
 import json
+import os
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -114,6 +117,16 @@ INVALID_RECORDS = {
     "eleven choices": ({**VALID, "choices": list("abcdefghijk")}, "choices", "11 choices"),
     "empty choice": ({**VALID, "choices": ["a", ""]}, "choices", "choice 1 is empty"),
     "choice not a string": ({**VALID, "choices": ["a", 2]}, "choices", "choice 1 is an integer"),
+    "repeated choice": (
+        {**VALID, "choices": ["a", "b", "a"]},
+        "choices",
+        "choice 2 ('a') repeats choice 0 ('a'); expected distinct choices",
+    ),
+    "choice repeated but for spaces": (
+        {**VALID, "choices": ["red", "blue", " red "]},
+        "choices",
+        "choice 2 (' red ') repeats choice 0 ('red')",
+    ),
     "missing answer": ({"question": "Q?", "choices": ["a", "b"]}, "answer", "missing"),
     "answer out of range": ({**VALID, "answer": 2}, "answer", "out of range"),
     "negative answer": ({**VALID, "answer": -1}, "answer", "out of range"),
@@ -132,6 +145,31 @@ def test_each_rule_names_file_row_and_field(tmp_path, case):
     assert_names(message, path, "line 3", field)
     assert problem in message
     assert "expected" in message
+
+
+def test_every_repeat_of_a_choice_is_reported(tmp_path):
+    record = {**VALID, "choices": ["a", "b", "a", "b", "a"]}
+    message = rejection(write_jsonl(tmp_path / "dup.jsonl", [record]))
+    assert "3 problems" in message
+    for repeat, first in [(2, 0), (3, 1), (4, 0)]:
+        assert f"line 1: field 'choices': choice {repeat} " in message
+        assert f"repeats choice {first} " in message
+
+
+def test_repeated_choice_in_csv_names_the_row(tmp_path):
+    rows = [["Fine?", '["yes", "no"]', "0"], ["Same?", '["yes", "yes"]', "0"]]
+    path = write_csv(tmp_path / "dup.csv", ["question", "choices", "answer"], rows)
+    message = rejection(path)
+    assert_names(message, path, "row 3", "choices")
+    assert "choice 1 ('yes') repeats choice 0 ('yes')" in message
+
+
+def test_distinct_choices_load_even_when_they_differ_only_in_case_or_inner_spaces(tmp_path):
+    # Case and inner spacing can carry meaning, so only a repeat after stripping is rejected.
+    records = [{**VALID, "choices": ["Co", "CO", "C o", "co"]}, {**VALID, "id": "b"}]
+    path = write_jsonl(tmp_path / "distinct.jsonl", records)
+    questions = load_questions_file(path)
+    assert [q.choices for q in questions] == [("Co", "CO", "C o", "co"), ("yes", "no")]
 
 
 def test_duplicate_id_names_both_rows(tmp_path):
@@ -220,6 +258,36 @@ def test_unknown_extension_lists_supported_formats(tmp_path):
 
 def test_missing_file(tmp_path):
     assert "no such file" in rejection(tmp_path / "absent.jsonl")
+
+
+@pytest.mark.parametrize("name", ["questions.jsonl", "questions.csv", "data.parquet", "data"])
+def test_a_directory_is_named_as_one(tmp_path, name):
+    path = tmp_path / name
+    path.mkdir()
+    message = rejection(path)
+    assert message.startswith(f"{path}: is a directory, not a question file")
+    assert ".jsonl, .csv or .parquet file" in message
+    assert "no such file" not in message and "unsupported file type" not in message
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes need POSIX")
+def test_a_named_pipe_is_not_a_regular_file(tmp_path):
+    path = tmp_path / "pipe.jsonl"
+    os.mkfifo(path)
+    message = rejection(path)
+    assert message.startswith(f"{path}: not a regular file")
+    assert "no such file" not in message
+
+
+def test_an_unreadable_file_is_a_data_file_error(tmp_path, monkeypatch):
+    # chmod cannot make a file unreadable to root (as in CI containers); fail the open instead.
+    path = write_jsonl(tmp_path / "locked.jsonl", [VALID])
+
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", refuse)
+    assert rejection(path) == f"{path}: cannot be read (Permission denied)"
 
 
 @pytest.mark.parametrize("name", ["empty.jsonl", "empty.csv"])

@@ -17,7 +17,9 @@ non_blank_text = st.text(min_size=1, max_size=40).filter(str.strip)
 
 @st.composite
 def questions(draw, require_answer=True):
-    choices = draw(st.lists(non_blank_text, min_size=MIN_CHOICES, max_size=MAX_CHOICES))
+    choices = draw(
+        st.lists(non_blank_text, min_size=MIN_CHOICES, max_size=MAX_CHOICES, unique_by=str.strip)
+    )
     answers = st.integers(0, len(choices) - 1)
     answer = draw(answers if require_answer else st.none() | answers)
     return Question(draw(non_blank_text), draw(non_blank_text), tuple(choices), answer)
@@ -52,6 +54,7 @@ INVALID_RECORDS = st.sampled_from(
         ({"choices": ["a", "b"], "answer": 0}, "question"),
         ({"question": "Q?", "choices": ["a"], "answer": 0}, "choices"),
         ({"question": "Q?", "choices": list("abcdefghijk"), "answer": 0}, "choices"),
+        ({"question": "Q?", "choices": ["a", "b", "a "], "answer": 0}, "choices"),
         ({"question": "Q?", "choices": ["a", "b"], "answer": 2}, "answer"),
         ({"question": "Q?", "choices": ["a", "b"], "answer": "z"}, "answer"),
         ({"question": "", "choices": ["a", "b"], "answer": 0}, "question"),

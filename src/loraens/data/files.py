@@ -3,8 +3,8 @@
 Every record has these fields (other fields are ignored):
 
 - ``question``: a non-empty string;
-- ``choices``: a list of 2 to 10 non-empty strings. In CSV, a cell holding a JSON list, e.g.
-  ``["red", "green", "blue"]``;
+- ``choices``: a list of 2 to 10 distinct non-empty strings (compared with leading and trailing
+  whitespace stripped). In CSV, a cell holding a JSON list, e.g. ``["red", "green", "blue"]``;
 - ``answer``: the index of the correct choice (0-based) or its letter, ``a``..``j`` or ``A``..``J``.
   Optional when loading with ``require_answer=False`` (questions that are only predicted on);
 - ``id``: optional string or integer; defaults to ``"<file stem>:<n>"``, where ``n`` is the line
@@ -150,11 +150,36 @@ def _check_choices(record: dict[str, Any]) -> list[str]:
     if not MIN_CHOICES <= len(choices) <= MAX_CHOICES:
         count = f"{len(choices)} choice" + ("" if len(choices) == 1 else "s")
         return [f"field 'choices': {count}; {expected}"]
-    return [
+    problems = [
         f"field 'choices': choice {index} is {problem}; {expected}"
         for index, choice in enumerate(choices)
         if (problem := _choice_problem(choice))
     ]
+    return problems or _check_distinct(choices)
+
+
+def _check_distinct(choices: list[str]) -> list[str]:
+    """A problem for every choice that repeats an earlier one.
+
+    Two options with the same text cannot be told apart, by a reader of the lettered prompt or
+    by answer-text scoring (which would score the same continuation twice), so the answer
+    between them is arbitrary. Leading and trailing whitespace is ignored, as it is when a
+    choice is judged empty: ``"red"`` and ``"red "`` are the same option to a reader. Case is
+    not, since it can carry meaning (``"Co"`` and ``"CO"``).
+    """
+    first_index: dict[str, int] = {}
+    problems = []
+    for index, choice in enumerate(choices):
+        text = choice.strip()
+        if text not in first_index:
+            first_index[text] = index
+            continue
+        first = first_index[text]
+        problems.append(
+            f"field 'choices': choice {index} ({choice!r}) repeats choice {first} "
+            f"({choices[first]!r}); expected distinct choices"
+        )
+    return problems
 
 
 def _choice_problem(choice: Any) -> str:
@@ -212,6 +237,11 @@ def _parse_record(
     return Question(record_id, record["question"], tuple(record["choices"]), answer), []
 
 
+def _supported_formats() -> str:
+    *others, last = _FORMATS
+    return f"{', '.join(others)} or {last}"
+
+
 def _error_message(path: Path, note: str, errors: list[str]) -> str:
     shown = "\n".join(f"  {error}" for error in errors[:MAX_ERRORS_SHOWN])
     more = len(errors) - MAX_ERRORS_SHOWN
@@ -223,17 +253,27 @@ def _error_message(path: Path, note: str, errors: list[str]) -> str:
 def load_questions_file(path: str | Path, *, require_answer: bool = True) -> list[Question]:
     """Read and validate every question in a ``.jsonl``, ``.csv`` or ``.parquet`` file.
 
-    Raises :class:`DataFileError` for a missing or unsupported file, and for a file with any
-    invalid record, listing all problems found.
+    Raises :class:`DataFileError` for a missing, unreadable or unsupported file (or a
+    directory), and for a file with any invalid record, listing all problems found.
     """
     path = Path(path)
-    if path.suffix.lower() not in _FORMATS:
-        supported = ", ".join(_FORMATS)
+    # Before the extension check: a folder rarely has one, and "unsupported file type ''"
+    # would not say what is wrong.
+    if path.is_dir():
         raise DataFileError(
-            f"{path}: unsupported file type {path.suffix!r}; supported formats: {supported}"
+            f"{path}: is a directory, not a question file; expected the path of a "
+            f"{_supported_formats()} file"
         )
-    if not path.is_file():
+    if path.suffix.lower() not in _FORMATS:
+        raise DataFileError(
+            f"{path}: unsupported file type {path.suffix!r}; supported formats: "
+            f"{', '.join(_FORMATS)}"
+        )
+    if not path.exists():
         raise DataFileError(f"{path}: no such file")
+    if not path.is_file():
+        # A named pipe or a device: Parquet needs to seek, and a pipe cannot be read again.
+        raise DataFileError(f"{path}: not a regular file; expected a {_supported_formats()} file")
     reader, unit, note = _FORMATS[path.suffix.lower()]
 
     questions: list[Question] = []
@@ -259,6 +299,9 @@ def load_questions_file(path: str | Path, *, require_answer: bool = True) -> lis
             questions.append(question)
     except UnicodeDecodeError as error:
         raise DataFileError(f"{path}: not UTF-8 text ({error})") from error
+    except OSError as error:
+        # E.g. no read permission: reported like every other unusable file, not as a traceback.
+        raise DataFileError(f"{path}: cannot be read ({error.strerror or error})") from error
     if errors:
         raise DataFileError(_error_message(path, note, errors))
     if not questions:

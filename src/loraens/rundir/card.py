@@ -107,63 +107,9 @@ ensemble = torch.stack(probs).mean(0)  # the ensemble's probability of (a), (b)
 """
 
 
-def render_card(
-    cfg: TrainConfig,
-    summary: RunSummary,
-    provenance: Mapping[str, object],
-    adapters: Sequence[tuple[str, str]],
-    folder: str,
-) -> str:
-    """The card's markdown. ``adapters`` are (name, path relative to the folder) in member
-    order; ``folder`` names the folder in the loading examples."""
-    m = len(adapters)
+def _header(cfg: TrainConfig, m: int) -> str:
+    """The front matter hubs read, the title and why every member must be loaded."""
     base = cfg.model.name_or_path
-    sha = provenance.get("model_sha256", "not recorded")
-    model_dir = provenance.get("model_dir")
-    lora, ens, optim = cfg.lora, cfg.ensemble, cfg.optim
-    method = summary.method or ens.method
-    peft_base = model_dir or base
-    loading_peft = ""
-    if method == "last_layer":
-        members = (
-            f"{m} last-layer ensemble members (each a copy of the LM head's rows the answers are "
-            "read from: the answer letters', or the option tokens' by answer text; trained on "
-            "frozen features; not PEFT adapters)."
-        )
-    elif method == "mc_dropout":
-        members = (
-            f"One LoRA adapter (rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} "
-            f"on {', '.join(lora.target_modules)}) scored with {ens.passes_per_adapter} "
-            "stochastic dropout passes averaged (MC dropout, the paper's baseline). Plain PEFT "
-            "below loads it without dropout: one deterministic model, not the MC ensemble."
-        )
-    else:
-        diversity = [
-            *(["initialisation"] if ens.vary_init else []),
-            *(["data order"] if ens.vary_data_order else []),
-        ]
-        members = (
-            f"{m} LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} "
-            f"on {', '.join(lora.target_modules)}), differing in "
-            + (" and ".join(diversity) or "nothing but their seeds")
-            + f" (ensemble seed {ens.seed})."
-        )
-    if method != "last_layer":
-        loading_peft = _peft_section(str(peft_base), folder, adapters)
-    listing = "\n".join(f"| {i} | `{name}` | `{path}` |" for i, (name, path) in enumerate(adapters))
-    epochs = summary.epochs_trained or optim.epochs
-    kept = summary.epoch_kept or epochs
-    evaluate_on = f"--task {cfg.data.task}" if cfg.data.task else "--file eval.jsonl"
-    exported = any(path == "." for _, path in adapters)
-    export_line = (
-        "" if exported else f"loraens export {folder} FOLDER  # one folder of PEFT adapters\n"
-    )
-    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()
-    versions = provenance.get("versions")
-    made_with = ""
-    if isinstance(versions, dict):
-        made_with = ", ".join(f"{name} {v}" for name, v in versions.items() if v)
-    trained = f"trained in {summary.precision} on {summary.device}"
     return f"""---
 library_name: peft
 base_model: {base}
@@ -175,33 +121,78 @@ tags: [lora, peft, ensemble, loraens, calibration, uncertainty]
 An ensemble of {m} fine-tuned members whose prediction is the **average of the members' answer
 probabilities** (Wang, Aitchison, Rudolph, "LoRA ensembles for large language model
 fine-tuning"). Averaging is what makes the ensemble better calibrated than any one member, so
-load every member (below).
+load every member (below)."""
 
-## Base model
 
-- `{base}`{f" (loaded from `{model_dir}`)" if model_dir and str(model_dir) != base else ""}
+def _base_model_section(
+    cfg: TrainConfig, summary: RunSummary, provenance: Mapping[str, object]
+) -> str:
+    base = cfg.model.name_or_path
+    model_dir = provenance.get("model_dir")
+    # The folder is named only when it says more than the name the config gave.
+    loaded_from = f" (loaded from `{model_dir}`)" if model_dir and str(model_dir) != base else ""
+    sha = provenance.get("model_sha256", "not recorded")
+    trained = f"trained in {summary.precision} on {summary.device}"
+    return f"""## Base model
+
+- `{base}`{loaded_from}
 - SHA-256 of its weight and config files: `{sha}`
-- weights in {summary.weights_dtype or "float32"}, {trained}
+- weights in {summary.weights_dtype or "float32"}, {trained}"""
 
-## Data
 
-{_data(cfg, summary, provenance)}
+def _members_description(cfg: TrainConfig, method: str, m: int) -> str:
+    """What the members are: the three methods store and score different things."""
+    lora, ens = cfg.lora, cfg.ensemble
+    if method == "last_layer":
+        return (
+            f"{m} last-layer ensemble members (each a copy of the LM head's rows the answers are "
+            "read from: the answer letters', or the option tokens' by answer text; trained on "
+            "frozen features; not PEFT adapters)."
+        )
+    if method == "mc_dropout":
+        return (
+            f"One LoRA adapter (rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} "
+            f"on {', '.join(lora.target_modules)}) scored with {ens.passes_per_adapter} "
+            "stochastic dropout passes averaged (MC dropout, the paper's baseline). Plain PEFT "
+            "below loads it without dropout: one deterministic model, not the MC ensemble."
+        )
+    diversity = [
+        *(["initialisation"] if ens.vary_init else []),
+        *(["data order"] if ens.vary_data_order else []),
+    ]
+    return (
+        f"{m} LoRA adapters (rank {lora.rank}, alpha {lora.alpha:g}, dropout {lora.dropout:g} "
+        f"on {', '.join(lora.target_modules)}), differing in "
+        + (" and ".join(diversity) or "nothing but their seeds")
+        + f" (ensemble seed {ens.seed})."
+    )
 
-## Members
 
-{members}
+def _members_section(cfg: TrainConfig, method: str, adapters: Sequence[tuple[str, str]]) -> str:
+    listing = "\n".join(f"| {i} | `{name}` | `{path}` |" for i, (name, path) in enumerate(adapters))
+    return f"""## Members
+
+{_members_description(cfg, method, len(adapters))}
 
 | member | adapter name | folder |
 |---|---|---|
-{listing}
+{listing}"""
 
-## Results
+
+def _results_section(summary: RunSummary, epochs: int) -> str:
+    # Under patience the saved adapters are the best epoch's, not the last one's.
+    kept = summary.epoch_kept or epochs
+    return f"""## Results
 
 Eval split, {summary.eval_questions} questions, after epoch {kept} of {epochs}:
 
-{_table(summary.table)}
+{_table(summary.table)}"""
 
-## Hyper-parameters
+
+def _hyperparameters_section(cfg: TrainConfig, method: str, m: int, epochs: int) -> str:
+    optim = cfg.optim
+    config_yaml = yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip()
+    return f"""## Hyper-parameters
 
 Method `{method}`: {m} members, {epochs} epochs, batch {optim.batch_size}, learning rate
 {optim.lr:g}, weight decay {optim.weight_decay:g}, KL beta {optim.kl_beta:g}. The full
@@ -209,9 +200,18 @@ configuration (`config.yaml`):
 
 ```yaml
 {config_yaml}
-```
+```"""
 
-## How to load
+
+def _loraens_section(cfg: TrainConfig, adapters: Sequence[tuple[str, str]], folder: str) -> str:
+    """Loading with loraens: the whole ensemble, by command or in Python."""
+    evaluate_on = f"--task {cfg.data.task}" if cfg.data.task else "--file eval.jsonl"
+    # An export's members already sit in one folder of PEFT adapters: nothing to export.
+    exported = any(path == "." for _, path in adapters)
+    export_line = (
+        "" if exported else f"loraens export {folder} FOLDER  # one folder of PEFT adapters\n"
+    )
+    return f"""## How to load
 
 ### With loraens (the whole ensemble)
 
@@ -225,7 +225,49 @@ loraens predict {folder} questions.jsonl --output predictions.jsonl
 from loraens.rundir.load import load_run
 
 loaded = load_run("{folder}")  # the base model with every member stacked onto it
-```
+```"""
+
+
+def _made_with(provenance: Mapping[str, object]) -> str:
+    versions = provenance.get("versions")
+    if not isinstance(versions, dict):
+        return ""
+    return ", ".join(f"{name} {v}" for name, v in versions.items() if v)
+
+
+def render_card(
+    cfg: TrainConfig,
+    summary: RunSummary,
+    provenance: Mapping[str, object],
+    adapters: Sequence[tuple[str, str]],
+    folder: str,
+) -> str:
+    """The card's markdown. ``adapters`` are (name, path relative to the folder) in member
+    order; ``folder`` names the folder in the loading examples."""
+    m = len(adapters)
+    method = summary.method or cfg.ensemble.method
+    epochs = summary.epochs_trained or cfg.optim.epochs
+    # Last-layer members are head rows, not PEFT adapters: plain PEFT cannot load them.
+    loading_peft = ""
+    if method != "last_layer":
+        peft_base = provenance.get("model_dir") or cfg.model.name_or_path
+        loading_peft = _peft_section(str(peft_base), folder, adapters)
+    made_with = _made_with(provenance)
+    return f"""{_header(cfg, m)}
+
+{_base_model_section(cfg, summary, provenance)}
+
+## Data
+
+{_data(cfg, summary, provenance)}
+
+{_members_section(cfg, method, adapters)}
+
+{_results_section(summary, epochs)}
+
+{_hyperparameters_section(cfg, method, m, epochs)}
+
+{_loraens_section(cfg, adapters, folder)}
 
 {loading_peft}
 ## Citation
