@@ -1,5 +1,9 @@
 """Ensemble-size ablation: subset draws, metrics per size, reading the per-epoch log-probs and
-falling back to predictions.jsonl."""
+falling back to predictions.jsonl (its exact log-probs, or an older file's rounded
+probabilities)."""
+
+import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +20,7 @@ from loraens.experiments.size_ablation import (
     ensemble_size_ablation,
     read_prediction_pool,
 )
-from loraens.rundir import RunDir, RunSummary
+from loraens.rundir import RunDir, RunSummary, read_jsonl
 
 
 def _pool(p=6, n=40, k=4, seed=0):
@@ -67,6 +71,16 @@ def _hand_pool() -> np.ndarray:
     return np.log(np.stack([HAND_P_A, 1 - HAND_P_A], axis=-1))  # (3, 2, 2)
 
 
+def _as_older_file(path: Path) -> None:
+    """Turn a predictions.jsonl into one written before the log-probs were added (the committed
+    records under docs/results): the rounded probabilities only."""
+    rows = [
+        {k: v for k, v in row.items() if k not in ("member_log_probs", "ensemble_log_probs")}
+        for row in read_jsonl(path)
+    ]
+    path.write_text("".join(json.dumps(row, sort_keys=True) + "\n" for row in rows))
+
+
 def test_full_pool_size_is_the_full_ensemble_with_zero_std():
     (row,) = ensemble_size_ablation(_hand_pool(), HAND_LABELS, sizes=(3,), draws=5)
     assert row["subsets"] == [(0, 1, 2)] * 5
@@ -109,8 +123,10 @@ def test_ablating_a_runs_predictions_gives_the_hand_worked_metrics(tmp_path):
     questions = [Question(f"q{i}", "?", ("x", "y"), int(y)) for i, y in enumerate(HAND_LABELS)]
     write_predictions(tmp_path / "predictions.jsonl", questions, _hand_pool())
     (row,) = ablate_run_size(tmp_path, sizes=(3,), draws=2)
-    # stored probabilities are rounded to 6 decimals
-    assert row["mean"] == pytest.approx(HAND[(0, 1, 2)], abs=1e-5)
+    assert row["mean"] == pytest.approx(HAND[(0, 1, 2)], rel=1e-12)  # from the exact log-probs
+    _as_older_file(tmp_path / "predictions.jsonl")
+    (row,) = ablate_run_size(tmp_path, sizes=(3,), draws=2)
+    assert row["mean"] == pytest.approx(HAND[(0, 1, 2)], abs=1e-5)  # rounded to 6 decimals
 
 
 def test_predictions_jsonl_round_trip(tmp_path):
@@ -127,12 +143,17 @@ def test_predictions_jsonl_round_trip(tmp_path):
     pool = read_prediction_pool(tmp_path)  # a run directory or the file itself
     assert pool.ids == [q.id for q in questions]
     assert pool.labels.tolist() == [q.answer for q in questions]
-    assert pool.member_log_probs.shape == lp.shape
-    assert np.array_equal(np.isinf(pool.member_log_probs), np.isinf(lp))
-    np.testing.assert_allclose(np.exp(pool.member_log_probs), np.exp(lp), atol=2e-6)
+    assert np.array_equal(pool.member_log_probs, lp)  # every bit, -inf padding included
 
     rows = ablate_run_size(run.predictions, sizes=(2, 4), draws=3)
     assert [r["size"] for r in rows] == [2, 4] and rows[1]["std"]["nll"] == 0.0
+
+    _as_older_file(run.predictions)
+    older = read_prediction_pool(run.predictions)
+    assert older.ids == pool.ids and np.array_equal(older.labels, pool.labels)
+    assert older.member_log_probs.shape == lp.shape
+    assert np.array_equal(np.isinf(older.member_log_probs), np.isinf(lp))
+    np.testing.assert_allclose(np.exp(older.member_log_probs), np.exp(lp), atol=2e-6)
 
 
 def test_rounded_zero_probabilities_keep_the_nll_finite(tmp_path):
@@ -140,11 +161,16 @@ def test_rounded_zero_probabilities_keep_the_nll_finite(tmp_path):
     lp = np.log(np.full((2, 2, 3), 1e-9))
     lp[:, :, 0] = 0.0  # option "a" certain: the others are stored as 0
     lp = lp - np.log(np.exp(lp).sum(axis=-1, keepdims=True))
-    write_predictions(tmp_path / "predictions.jsonl", questions, lp)
-    floored = read_prediction_pool(tmp_path / "predictions.jsonl")
+    path = tmp_path / "predictions.jsonl"
+    write_predictions(path, questions, lp)
+    # The log-probs keep 1e-9 whatever rounded_zero says.
+    assert np.array_equal(read_prediction_pool(path, rounded_zero=None).member_log_probs, lp)
+
+    _as_older_file(path)
+    floored = read_prediction_pool(path)
     assert np.isfinite(floored.member_log_probs).all()
-    exact = read_prediction_pool(tmp_path / "predictions.jsonl", rounded_zero=None)
-    assert np.isneginf(exact.member_log_probs[:, :, 1:]).all()
+    zeros = read_prediction_pool(path, rounded_zero=None)
+    assert np.isneginf(zeros.member_log_probs[:, :, 1:]).all()
 
 
 # ----------------------------------------------------------------------------- per-epoch file
@@ -236,6 +262,6 @@ def test_a_run_without_the_log_prob_file_falls_back_to_its_final_predictions(tmp
     ]
     acc, nll = _by_hand(lp, labels, (0, 1, 2, 3))
     assert rows[1]["mean"]["accuracy"] == acc
-    assert rows[1]["mean"]["nll"] == pytest.approx(nll, 1e-4)  # rounded to 6 decimals
+    assert rows[1]["mean"]["nll"] == pytest.approx(nll, rel=1e-12)
     # The file itself given: no epoch to name.
     assert ablate_run_size(run.predictions, sizes=(4,), draws=1)[0]["epoch"] is None

@@ -1,4 +1,19 @@
-"""predictions.jsonl: per question, every member's probabilities and the ensemble's."""
+"""predictions.jsonl: per question, every member's probabilities and the ensemble's.
+
+One JSON object per eval question, in the eval set's order::
+
+    {"id": ..., "answer": 2, "prediction": 2, "disagreement": 0.0,
+     "ensemble_probs": [0.1, 0.2, 0.7], "member_probs": [[...], ...],  # rounded to 6 decimals
+     "ensemble_log_probs": [...], "member_log_probs": [[...], ...]}    # exact float64
+
+The rounded probabilities are for reading. The log-probs are the float64 ``log p_T`` the run's
+metrics were computed from, over the question's own options (``member_log_probs`` is M x K):
+json writes a float's shortest repr, which reads back bit-identical, so the file alone
+reproduces every member's, the mean member's and the ensemble's metrics in ``summary.json``
+(the "+ TS" rows also need calibration.json's temperatures). The rounded numbers cannot: a
+probability below 5e-7 is stored as 0. Files written before the log-probs were added hold only
+the rounded probabilities; readers fall back to those.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +33,11 @@ from loraens.io import write_jsonl_atomic
 
 
 def probability_rows(questions: list[Question], member_log_probs: np.ndarray) -> list[dict]:
-    """Per-question records of every member's probabilities and the ensemble's."""
-    ensemble = np.exp(ensemble_log_probs(member_log_probs))
+    """Per-question records of every member's probabilities and the ensemble's, rounded and
+    as exact log-probs (see the module docstring)."""
+    member_log_probs = np.asarray(member_log_probs, dtype=np.float64)
+    ensemble_lp = ensemble_log_probs(member_log_probs)
+    ensemble = np.exp(ensemble_lp)
     members = np.exp(member_log_probs)
     # The disagreement a user can act on (0 = unanimous).
     disagree = disagreement(member_log_probs)
@@ -34,6 +52,8 @@ def probability_rows(questions: list[Question], member_log_probs: np.ndarray) ->
                 "ensemble_probs": ensemble[i, :k].round(6).tolist(),
                 "member_probs": members[:, i, :k].round(6).tolist(),
                 "disagreement": float(disagree[i]),
+                "ensemble_log_probs": ensemble_lp[i, :k].tolist(),
+                "member_log_probs": member_log_probs[:, i, :k].tolist(),
             }
         )
     return rows
@@ -67,5 +87,6 @@ def answer_rows(questions: list[Question], member_log_probs: np.ndarray) -> list
     return rows
 
 
-def write_predictions(path: Path, questions: list[Question], member_log_probs: np.ndarray):
+def write_predictions(path: Path, questions: list[Question], member_log_probs: np.ndarray) -> None:
+    """Write ``predictions.jsonl`` (see the module docstring) for (M, N, K) log-probs."""
     write_jsonl_atomic(path, probability_rows(questions, member_log_probs))

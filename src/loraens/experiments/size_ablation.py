@@ -4,8 +4,9 @@ The paper trains a pool of 20 members and, for each ensemble size M, averages th
 random size-M subsets, at every epoch. Members are independent, so a subset's ensemble is just
 the probability average of its members' saved predictions: everything here works on stored
 log-probs. A run's unrounded per-epoch log-probs (``eval_log_probs.safetensors``) are used when
-present; runs written before that file existed fall back to ``predictions.jsonl`` (rounded, final
-epoch only).
+present; runs written before that file existed fall back to ``predictions.jsonl`` (final epoch
+only: exact log-probs in files written since they were added, rounded probabilities in older
+ones).
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from loraens.rundir import EvalLogProbs, RunDir, read_jsonl
 DEFAULT_SIZES = (1, 3, 5, 10, 15)  # M = 1 and the paper's {3, 5, 10, 15}
 DEFAULT_DRAWS = 5
 
-# predictions.jsonl rounds probabilities to 6 decimals, so a stored 0 means p < 5e-7. Reading it
-# back as exactly 0 would make one such true label turn the NLL infinite; the bound keeps it
-# finite (-log 5e-7 ≈ 14.5 nats, an underestimate of that question's true NLL).
+# An older predictions.jsonl holds only probabilities rounded to 6 decimals, so a stored 0 means
+# p < 5e-7. Reading it back as exactly 0 would make one such true label turn the NLL infinite;
+# the bound keeps it finite (-log 5e-7 ≈ 14.5 nats, an underestimate of that question's true NLL).
 ROUNDED_ZERO = 5e-7
 
 
@@ -109,14 +110,29 @@ class PredictionPool:
     ids: list[str]
 
 
+def _row_log_probs(row: dict, rounded_zero: float | None) -> np.ndarray:
+    """One predictions.jsonl row's (M, K) member log-probs: exact when the row has them."""
+    if "member_log_probs" in row:
+        # Renormalising these would move them by an ulp and no longer match summary.json.
+        return np.asarray(row["member_log_probs"], dtype=np.float64)
+    probs = np.asarray(row["member_probs"], dtype=np.float64)
+    if rounded_zero is not None:
+        probs = np.maximum(probs, rounded_zero)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    with np.errstate(divide="ignore"):  # log 0 = -inf is intended when rounded_zero is None
+        return np.log(probs)
+
+
 def read_prediction_pool(
     path: str | Path, rounded_zero: float | None = ROUNDED_ZERO
 ) -> PredictionPool:
     """Rebuild the members' log-probs from ``predictions.jsonl`` (or a run directory holding it).
 
-    Rows are padded with ``-inf`` past each question's options. Stored probabilities are
-    rounded, so each member's row is renormalised over the question's options; stored zeros
-    become ``rounded_zero`` first (``None`` keeps them 0, i.e. log p = -inf).
+    Rows are padded with ``-inf`` past each question's options. A row's exact
+    ``member_log_probs`` are taken as they are. A row without them (a file written before they
+    were added) has only rounded probabilities: each member's row is renormalised over the
+    question's options, and stored zeros become ``rounded_zero`` first (``None`` keeps them 0,
+    i.e. log p = -inf).
     """
     path = Path(path)
     if path.is_dir():
@@ -128,23 +144,18 @@ def read_prediction_pool(
     k_max = max(len(row["member_probs"][0]) for row in rows)
     out = np.full((n_members, len(rows), k_max), -np.inf)
     for i, row in enumerate(rows):
-        probs = np.asarray(row["member_probs"], dtype=np.float64)
-        if probs.shape[0] != n_members:
+        lp = _row_log_probs(row, rounded_zero)
+        if lp.shape[0] != n_members:
             raise ValueError(
-                f"{path}: question {row['id']!r} has {probs.shape[0]} members, expected "
-                f"{n_members}."
+                f"{path}: question {row['id']!r} has {lp.shape[0]} members, expected {n_members}."
             )
-        if rounded_zero is not None:
-            probs = np.maximum(probs, rounded_zero)
-        probs = probs / probs.sum(axis=1, keepdims=True)
-        with np.errstate(divide="ignore"):  # log 0 = -inf is intended when rounded_zero is None
-            out[:, i, : probs.shape[1]] = np.log(probs)
+        out[:, i, : lp.shape[1]] = lp
     labels = np.asarray([-1 if row["answer"] is None else row["answer"] for row in rows])
     return PredictionPool(out, labels, [row["id"] for row in rows])
 
 
 SOURCE_LOG_PROBS = "eval_log_probs"  # per epoch, unrounded
-SOURCE_PREDICTIONS = "predictions"  # final epoch only, rounded
+SOURCE_PREDICTIONS = "predictions"  # final epoch only (rounded in files before log-probs)
 
 
 @dataclass(frozen=True)

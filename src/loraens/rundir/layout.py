@@ -2,7 +2,9 @@
 
 config.yaml              the resolved configuration (:class:`~loraens.config.TrainConfig`)
 metrics.jsonl            one row per (epoch, split, member | "ensemble")
-predictions.jsonl        per question: every member's p_T, the ensemble's, the label
+predictions.jsonl        per question, at the epoch kept: the label, every member's p_T and the
+                         ensemble's, rounded for reading and as exact float64 log p_T (the
+                         file alone reproduces summary.json; older files: rounded p_T only)
 eval_log_probs.safetensors  every member's unrounded eval log p_T at every evaluated epoch
 holdout_log_probs.safetensors  every member's log p_T on the held-out training questions (the
                          adapters kept), with data.calibrate or optim.patience; same format

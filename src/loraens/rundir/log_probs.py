@@ -1,8 +1,9 @@
 """Every member's unrounded eval log-probs at every evaluated epoch: ``eval_log_probs.safetensors``.
 
-``predictions.jsonl`` keeps the final epoch only, rounded for reading; the ensemble-size ablation
-(Fig. 6) needs every epoch and exact numbers. One safetensors file (float32, no pickle, readable
-without torch) holds a tensor ``epoch-EEEE`` of shape (M, N, K) per evaluated epoch E, padded with
+``predictions.jsonl`` keeps the kept epoch only (float64 log-probs and rounded probabilities;
+files written before the log-probs were added hold the rounded ones only); the ensemble-size
+ablation (Fig. 6) needs every epoch. One safetensors file (float32, no pickle, readable without
+torch) holds a tensor ``epoch-EEEE`` of shape (M, N, K) per evaluated epoch E, padded with
 ``-inf`` past a question's options, and ``labels`` (N,) int64, in the eval set's order (the order
 of ``predictions.jsonl``).
 
