@@ -42,24 +42,58 @@ def _args(model_dir, data_files, out, *extra):
     )
 
 
-def _spawn(args):
+# `loraens train ARGS` in a child that stops inside the trainer's on_step hook after the first
+# step of epoch 2 (epoch 1 checkpointed, the adapters already moved past it), creates MARKER
+# and waits there. A signal sent once MARKER exists lands at that very point: racing a running
+# child instead lets a fast or busy machine finish the run first.
+_PAUSED_RUN = """
+import sys, time
+from pathlib import Path
+
+import loraens.training.run as run
+from loraens.cli.main import main
+
+marker, args = Path(sys.argv[1]), sys.argv[2:]
+announce = run.announce_duration
+
+
+def pausing(trainer, *rest, **kwargs):
+    hook, steps = announce(trainer, *rest, **kwargs), 0
+
+    def on_step(seconds):
+        nonlocal steps
+        hook(seconds)
+        steps += 1
+        if steps == trainer.steps_per_epoch() + 1:
+            marker.touch()
+            time.sleep(600)
+            sys.exit("paused at epoch 2 and never signalled")
+
+    return on_step
+
+
+run.announce_duration = pausing
+main(args)
+"""
+
+
+def _spawn_paused(args, marker):
     return subprocess.Popen(
-        [sys.executable, "-m", "loraens.cli.main", *args],
+        [sys.executable, "-c", _PAUSED_RUN, str(marker), *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
 
 
-def _wait_for_checkpoint(run_dir, process, epochs_done=1, timeout=120):
-    state = run_dir / "checkpoint" / "state.json"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if state.exists() and json.loads(state.read_text())["epochs_done"] >= epochs_done:
-            return
+def _wait_until_paused(run_dir, process, marker, timeout=600):
+    deadline = time.monotonic() + timeout  # a readiness wait, not a timing assertion
+    while not marker.exists():
         assert process.poll() is None, process.communicate()
-        time.sleep(0.005)
-    raise AssertionError("no checkpoint appeared")
+        assert time.monotonic() < deadline, "the run never reached epoch 2"
+        time.sleep(0.01)
+    state = json.loads((run_dir / "checkpoint" / "state.json").read_text())
+    assert state["epochs_done"] == 1
 
 
 def _outputs(run_dir):
@@ -106,9 +140,9 @@ def test_same_seed_gives_bit_identical_adapters_and_metrics(
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(
     uninterrupted, tiny_model_dir, data_files, tmp_path
 ):
-    out = tmp_path / "killed"
-    process = _spawn(_args(tiny_model_dir, data_files, out))
-    _wait_for_checkpoint(out, process)
+    out, marker = tmp_path / "killed", tmp_path / "paused"
+    process = _spawn_paused(_args(tiny_model_dir, data_files, out), marker)
+    _wait_until_paused(out, process, marker)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "summary.json").exists()
@@ -127,9 +161,9 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(
     uninterrupted, tiny_model_dir, data_files, tmp_path
 ):
-    out = tmp_path / "interrupted"
-    process = _spawn(_args(tiny_model_dir, data_files, out))
-    _wait_for_checkpoint(out, process)
+    out, marker = tmp_path / "interrupted", tmp_path / "paused"
+    process = _spawn_paused(_args(tiny_model_dir, data_files, out), marker)
+    _wait_until_paused(out, process, marker)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=60)
     assert process.returncode == 130
