@@ -12,7 +12,8 @@ import pytest
 from helpers import log, make_questions
 
 from loraens.cli.main import main
-from loraens.data.files import write_questions_jsonl
+from loraens.data.files import load_questions_file, write_questions_jsonl
+from loraens.data.prompts import LETTERS
 from loraens.rundir import read_jsonl
 
 FP32 = ("--device", "cpu", "--precision", "fp32")  # as the servers run (conftest.py)
@@ -126,6 +127,10 @@ def test_health_info_and_openapi(server, served_run, tiny_model_dir):
         ({"questions": [{"question": "q?", "choices": "a, b"}]}, "choices"),
         ({"questions": []}, "questions"),
         ({"question": "q?", "choices": ["a", "b"]}, "questions"),
+        ({"questions": [{"question": "q?", "choices": ["a", "b"], "source": "x"}]}, "source"),
+        ({"questions": [{"question": "q?", "choices": ["a", "b"], "answer": 2}]}, "answer"),
+        ({"questions": [{"question": "q?", "choices": ["a", "b"], "answer": "c"}]}, "answer"),
+        ({"questions": [{"question": "q?", "choices": ["a", "b"], "answer": True}]}, "answer"),
     ],
 )
 def test_a_malformed_request_gets_422_naming_the_field_and_the_server_goes_on(server, body, field):
@@ -165,6 +170,58 @@ def test_an_oversized_request_gets_413_saying_what_is_too_large(server):
     assert too_long.status_code == 413 and "questions.1" in too_long.json()["detail"]
     assert long_choices.status_code == 413 and "max_length" in long_choices.json()["detail"]
     assert after.status_code == 200
+
+
+def test_a_line_of_a_questions_file_sent_as_is_answers_like_without_its_answer(
+    server, expected, tmp_path
+):
+    questions, rows = expected
+    file = tmp_path / "eval.jsonl"
+    write_questions_jsonl(questions, file)  # the format `loraens predict` reads
+    assert load_questions_file(file) == questions
+    records = [json.loads(line) for line in file.read_text().splitlines()]
+    assert all("answer" in record for record in records)
+    with server.client() as client:
+        labelled = client.post("/v1/predict", json={"questions": records})
+        unlabelled = client.post("/v1/predict", json=_payload(questions))
+    assert labelled.status_code == 200, labelled.text
+    answers, plain = labelled.json()["answers"], unlabelled.json()["answers"]
+    for q, answer, without in zip(questions, answers, plain, strict=True):
+        _assert_same_answer(answer, without)
+        _assert_same_answer(answer, rows[q.id])
+        assert answer["answer"] == q.answer and answer["answer_letter"] == LETTERS[q.answer]
+        top = int(np.argmax(answer["ensemble_probs"]))
+        assert answer["correct"] is (top == q.answer)
+        assert without["answer"] is None and without["correct"] is None
+
+
+def test_correct_is_true_only_for_the_answer_that_is_the_ensembles_argmax(server):
+    # The same question once per option, each copy claiming another option is right, in every
+    # form a file allows: exactly one copy is correct, whatever the model predicts.
+    choices = ["red", "blue", "green", "gold"]
+    forms = [0, "b", "C", 3.0]
+    asked = [{"question": "Which is gold?", "choices": choices, "answer": a} for a in forms]
+    with server.client() as client:
+        response = client.post("/v1/predict", json={"questions": asked})
+    assert response.status_code == 200, response.text
+    answers = response.json()["answers"]
+    top = int(np.argmax(answers[0]["ensemble_probs"]))  # by hand, from the returned probs
+    assert [a["answer"] for a in answers] == [0, 1, 2, 3]
+    assert [a["answer_letter"] for a in answers] == ["a", "b", "c", "d"]
+    assert [a["correct"] for a in answers] == [i == top for i in range(4)]
+    assert {a["prediction"] for a in answers} == {top}
+
+
+def test_an_out_of_range_answer_gets_422_saying_why(server):
+    question = {"question": "Which is gold?", "choices": ["red", "blue", "gold"], "answer": 3}
+    with server.client() as client:
+        response = client.post("/v1/predict", json={"questions": [question]})
+    assert response.status_code == 422
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "questions", 0, "answer"]
+    assert (
+        "3 is out of range for 3 choices; expected an index 0..2 or a letter a..c" in (error["msg"])
+    )
 
 
 def test_ctrl_c_stops_the_server_cleanly(server):

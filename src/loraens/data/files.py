@@ -188,7 +188,7 @@ def _choice_problem(choice: Any) -> str:
     return "" if choice.strip() else "empty"
 
 
-def _parse_answer(record: dict[str, Any], require_answer: bool) -> tuple[int | None, list[str]]:
+def parse_answer(record: dict[str, Any], require_answer: bool) -> tuple[int | None, list[str]]:
     """The answer index, or the problems with the answer field."""
     answer = record.get("answer")
     choices = record.get("choices")
@@ -230,7 +230,7 @@ def _parse_record(
     """The record as a question, or every problem found in it."""
     record_id, problems = _parse_id(record, default_id)
     problems += _check_question(record) + _check_choices(record)
-    answer, answer_problems = _parse_answer(record, require_answer)
+    answer, answer_problems = parse_answer(record, require_answer)
     problems += answer_problems
     if problems:
         return None, problems

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraens.config import ModelConfig
-from loraens.data.prompts import PromptTooLongError, encode_questions
+from loraens.data.prompts import LETTERS, PromptTooLongError, encode_questions
 from loraens.data.records import Question
 from loraens.decisions.conformal import Score
 from loraens.decisions.run import RunDecisions, apply_decisions, calibrated_ensemble
@@ -80,4 +80,15 @@ class Predictor:
         )  # fmt: skip
 
 
-__all__ = ["Predictor", "PromptTooLongError"]
+def mark_correct(rows: list[dict], questions: list[Question]) -> None:
+    """Add the given answer and whether the ensemble's prediction matches it, for the questions
+    sent with one (a line of a labelled questions file, sent as is). Done after scoring, from
+    the rows alone, so an answer can never change the probabilities."""
+    for row, q in zip(rows, questions, strict=True):
+        if q.answer is not None:
+            row["answer"] = q.answer
+            row["answer_letter"] = LETTERS[q.answer]
+            row["correct"] = row["prediction"] == q.answer
+
+
+__all__ = ["Predictor", "PromptTooLongError", "mark_correct"]

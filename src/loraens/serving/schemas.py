@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+# The file reader's own rule for an answer, so that a line of a questions file is a valid
+# question here too and both reject the same answers with the same words.
+from loraens.data.files import parse_answer
 from loraens.data.records import MAX_CHOICES, MIN_CHOICES
 
 
@@ -31,6 +34,25 @@ class QuestionIn(BaseModel):
         max_length=MAX_CHOICES,
         description=f"{MIN_CHOICES} to {MAX_CHOICES} answer options, labelled a, b, c, ...",
     )
+    answer: int | None = Field(
+        None,
+        description="Optional: the correct option, as in a questions file (an index from 0, or "
+        "a letter a, b, ... in either case). The probabilities do not depend on it; the "
+        "question's answer then reports whether its prediction is correct.",
+    )
+
+    @field_validator("answer", mode="before", json_schema_input_type=int | str | None)
+    @classmethod
+    def _answer_index(cls, answer: Any, info: ValidationInfo) -> int | None:
+        # Raw, before pydantic's coercion: the file reader decides what an answer may be (no
+        # booleans, no "1"). Invalid choices are missing from info.data and are reported on
+        # their own; the answer is then checked for its form only, as in a file.
+        record = {"answer": answer, "choices": info.data.get("choices")}
+        index, problems = parse_answer(record, require_answer=False)
+        if problems:
+            # The error's loc already names the field.
+            raise ValueError("; ".join(p.removeprefix("field 'answer': ") for p in problems))
+        return index
 
 
 class PredictRequest(BaseModel):
@@ -100,6 +122,12 @@ class Answer(BaseModel):
     abstain: bool | None = Field(None, description="With max_risk: whether to abstain.")
     prediction_set: PredictionSet | None = Field(
         None, description="With coverage: the conformal answer set."
+    )
+    # Filled only for a question sent with its answer; null otherwise, as above.
+    answer: int | None = Field(None, description="Index of the correct option sent.")
+    answer_letter: str | None = Field(None, description="Letter of the correct option.")
+    correct: bool | None = Field(
+        None, description="Whether the predicted option is the correct one."
     )
 
 
