@@ -140,3 +140,27 @@ def test_mc_dropout_says_plain_peft_is_deterministic():
     members = section(card("mc_dropout"), "## Members")
     assert members.startswith("## Members\n\nOne LoRA adapter (rank 8, alpha 32, dropout 0 on")
     assert "not the MC ensemble." in members
+
+
+def test_a_bf16_run_says_how_its_weights_were_held_and_scored():
+    bf16 = summary()
+    bf16.precision, bf16.weights_dtype = "torch.bfloat16", "torch.float32"
+    bf16.matmul_weights_dtype, bf16.score_precision = "torch.bfloat16", "fp32"
+    text = render_card(config(), bf16, PROVENANCE, MEMBERS, "runs/tiny")
+    assert (
+        "- linear layers' weights in torch.bfloat16, the others in torch.float32, trained in "
+        "torch.bfloat16 on cpu, scored in fp32\n" in section(text, "## Base model")
+    )
+
+
+def test_a_remote_code_run_is_loaded_with_the_flag_it_needs():
+    cfg = config()
+    plain = render_card(cfg, summary(), PROVENANCE, MEMBERS, "runs/tiny")
+    assert "trust_remote_code" not in section(plain, "### With loraens (the whole ensemble)")
+    cfg.model.trust_remote_code = True
+    text = section(
+        render_card(cfg, summary(), PROVENANCE, MEMBERS, "runs/tiny"),
+        "### With loraens (the whole ensemble)",
+    )
+    assert "loraens evaluate runs/tiny --file eval.jsonl --trust_remote_code true\n" in text
+    assert 'load_run("runs/tiny", trust_remote_code=True)' in text

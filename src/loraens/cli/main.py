@@ -48,12 +48,13 @@ def train(
 
     Args:
         out: Run directory (config, metrics.jsonl, predictions.jsonl, members/, checkpoint/).
-        resume: Continue the run in this directory with its saved configuration.
+        resume: Continue the run in this directory with its saved configuration (which needs
+            --model.trust_remote_code true on this command if it asks for remote code).
     """
     from loraens.training.run import print_result, resume_config, train_ensemble
 
     if resume is not None:
-        cfg, out = resume_config(resume), resume
+        cfg, out = resume_config(resume, trust_remote_code=model.trust_remote_code), resume
     else:
         cfg = TrainConfig(model, lora, ensemble, optim, data, runtime)
     print_result(train_ensemble(cfg, out))
@@ -67,7 +68,8 @@ def evaluate(
     coverage: float = 0.9,
     batch_size: int = 32,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
+    trust_remote_code: bool = False,
 ) -> None:
     """Score a trained run's members and their ensemble on a task's eval split or a file.
 
@@ -84,7 +86,11 @@ def evaluate(
             table; needs the run's held-out questions.
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
     """
     from loraens.decisions.run import evaluate_with_decisions, read_decisions
     from loraens.decisions.tables import format_decisions
@@ -95,7 +101,7 @@ def evaluate(
 
     questions = questions_for(task, file, require_answer=True)
     rows, table, decided = evaluate_with_decisions(
-        load_run(run, device, precision),
+        load_run(run, device, precision, trust_remote_code=trust_remote_code),
         read_decisions(run),
         questions,
         batch_size=batch_size,
@@ -116,7 +122,8 @@ def predict(
     score: Literal["lac", "aps"] = "lac",
     batch_size: int = 32,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
+    trust_remote_code: bool = False,
 ) -> None:
     """Answer the questions of a file with a trained ensemble.
 
@@ -140,7 +147,11 @@ def predict(
             probability; sets adapt to uncertainty, never empty).
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
     """
     from loraens.decisions.run import predict_with_decisions, read_decisions
     from loraens.evaluation.evaluate import questions_for
@@ -148,7 +159,7 @@ def predict(
 
     questions = questions_for(None, file, require_answer=False)
     rows, summary = predict_with_decisions(
-        load_run(run, device, precision),
+        load_run(run, device, precision, trust_remote_code=trust_remote_code),
         read_decisions(run),
         questions,
         Path(output),
@@ -182,7 +193,8 @@ def calibrate(
     file: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
+    trust_remote_code: bool = False,
 ) -> None:
     """Fit a trained run's temperatures (one per member, one for the ensemble) by held-out NLL.
 
@@ -196,12 +208,22 @@ def calibrate(
         file: Labelled questions (JSONL, CSV or Parquet) held out from training.
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
     """
     from loraens.decisions.run import calibrate_run
 
     record = calibrate_run(
-        run, file, batch_size=batch_size, device=device, precision=precision, progress=True
+        run,
+        file,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=True,
+        trust_remote_code=trust_remote_code,
     )
     temps = ", ".join(f"{t:.3f}" for t in record.member_temperatures)
     print(f"fitted on {record.questions} questions ({record.source})")
@@ -221,8 +243,9 @@ def serve(
     batch_size: int = 32,
     naive: bool = False,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
     access_log: bool = False,
+    trust_remote_code: bool = False,
 ) -> None:
     """Serve a trained ensemble over HTTP: POST /v1/predict, GET /v1/info, GET /health, and the
     OpenAPI schema at /docs and /openapi.json (needs the `serve` extra: fastapi, uvicorn).
@@ -242,8 +265,12 @@ def serve(
         batch_size: Questions per forward pass within a gathered batch.
         naive: Baseline for the load test: no gathering, members one after another.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
         access_log: Log every request (uvicorn's access log).
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
     """
     try:
         from loraens.serving.app import ServeSettings, run_server
@@ -264,7 +291,7 @@ def serve(
     )
     run_server(
         run, settings, host=host, port=port, device=device, precision=precision,
-        access_log=access_log,
+        access_log=access_log, trust_remote_code=trust_remote_code,
     )  # fmt: skip
 
 
@@ -278,7 +305,7 @@ def few_shot(
     max_length: int = 512,
     output: str | None = None,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
     scoring: Scoring = "letter",
     normalization: Normalization = "none",
 ) -> None:
@@ -295,7 +322,9 @@ def few_shot(
             question.
         output: Optional JSON file for per-draw metrics, mean and std.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
         scoring: 'letter' (the paper's) or 'answer_text' (each option's text, as model.scoring).
         normalization: answer_text only: 'none', 'per_token' or 'per_char'.
     """
@@ -306,7 +335,7 @@ def few_shot(
     scores = run_few_shot(
         model,
         DataConfig(task=task, eval_limit=eval_limit, subset_seed=seed),
-        RuntimeConfig(device=device, precision=precision, progress=True),
+        RuntimeConfig(device=device, precision=precision, score_precision=precision, progress=True),
         k=k,
         draws=draws,
         seed=seed,
@@ -332,7 +361,8 @@ def ood(
     output: str | None = None,
     batch_size: int = 32,
     device: str = "auto",
-    precision: Precision = "auto",
+    precision: Precision = "fp32",
+    trust_remote_code: bool = False,
 ) -> None:
     """Evaluate a trained ensemble on out-of-distribution questions and detect them.
 
@@ -351,7 +381,11 @@ def ood(
         output: Optional JSON file for every figure.
         batch_size: Questions per pass.
         device: 'auto', 'cpu' or 'cuda[:N]'.
-        precision: 'auto', 'fp32', 'bf16' or 'fp16'.
+        precision: scoring precision, 'fp32' (each question's probabilities the same whatever
+            the batching), 'bf16', 'fp16' or 'auto' (faster where the hardware has them; a
+            question's probabilities then move with the other questions in its pass).
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
     """
     from loraens.decisions.run import ood_result
     from loraens.evaluation.tables import format_table
@@ -367,6 +401,7 @@ def ood(
         device=device,
         precision=precision,
         progress=True,
+        trust_remote_code=trust_remote_code,
     )
     name = result["ood_set"]
     if "ood" in result:

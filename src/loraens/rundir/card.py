@@ -133,11 +133,16 @@ def _base_model_section(
     loaded_from = f" (loaded from `{model_dir}`)" if model_dir and str(model_dir) != base else ""
     sha = provenance.get("model_sha256", "not recorded")
     trained = f"trained in {summary.precision} on {summary.device}"
+    weights = f"weights in {summary.weights_dtype or 'float32'}"
+    matmul = summary.matmul_weights_dtype
+    if matmul and matmul != summary.weights_dtype:
+        weights = f"linear layers' weights in {matmul}, the others in {summary.weights_dtype}"
+    scored = f", scored in {summary.score_precision}" if summary.score_precision else ""
     return f"""## Base model
 
 - `{base}`{loaded_from}
 - SHA-256 of its weight and config files: `{sha}`
-- weights in {summary.weights_dtype or "float32"}, {trained}"""
+- {weights}, {trained}{scored}"""
 
 
 def _members_description(cfg: TrainConfig, method: str, m: int) -> str:
@@ -211,20 +216,25 @@ def _loraens_section(cfg: TrainConfig, adapters: Sequence[tuple[str, str]], fold
     export_line = (
         "" if exported else f"loraens export {folder} FOLDER  # one folder of PEFT adapters\n"
     )
+    # A run directory never switches remote code on by itself: the reader has to ask.
+    remote = cfg.model.trust_remote_code
+    flag, keyword = (
+        (" --trust_remote_code true", ", trust_remote_code=True") if remote else ("", "")
+    )
     return f"""## How to load
 
 ### With loraens (the whole ensemble)
 
 ```bash
 pip install "torch==2.13.0" loraens   # from the loraens checkout or its wheel
-loraens evaluate {folder} {evaluate_on}
-loraens predict {folder} questions.jsonl --output predictions.jsonl
+loraens evaluate {folder} {evaluate_on}{flag}
+loraens predict {folder} questions.jsonl --output predictions.jsonl{flag}
 {export_line}```
 
 ```python
 from loraens.rundir.load import load_run
 
-loaded = load_run("{folder}")  # the base model with every member stacked onto it
+loaded = load_run("{folder}"{keyword})  # the base model with every member stacked onto it
 ```"""
 
 
