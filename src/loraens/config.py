@@ -41,9 +41,12 @@ class ModelConfig:
     """Longest prompt in tokens (the paper's tasks need at most 466 with SmolLM2's tokenizer);
     longer questions are shortened, their choices and the answer cue kept intact."""
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Dtype of the frozen base weights in memory: auto is bf16 when the run computes in bf16 on
-    a GPU (half the memory of fp32), fp32 otherwise. LoRA weights, AdamW states, loss and
-    metrics stay float32 whatever this is."""
+    """Dtype of the frozen base weights in memory. auto: the decoder's linear weights in the
+    compute dtype (runtime.precision: bf16 or fp16 halve their memory and save autocast's cast
+    on every pass; training is bit-identical to autocast over fp32 weights), embeddings, norms
+    and the LM head in fp32. bf16 / fp16: the whole model in that dtype (the least memory; the
+    residual stream then also rounds to it). LoRA weights, AdamW states, loss and metrics stay
+    float32 whatever this is."""
     scoring: Scoring = "letter"
     """letter: the paper's, each option is the answer letter's logit after 'A: (' (one position
     per question). answer_text: lm-evaluation-harness's ranked classification, each option is the
@@ -242,6 +245,13 @@ class RuntimeConfig:
     precision: Precision = "auto"
     """Autocast dtype for forward/backward: auto picks bf16 where the hardware supports it
     (fp16 on older GPUs), fp32 otherwise. Loss, metrics and adapters stay float32."""
+    score_precision: Precision = "fp32"
+    """Precision of scoring: the per-epoch evaluation and every command that scores a finished
+    run's members (evaluate, predict, serve, ood, calibrate take it as --precision). fp32
+    gives every question the same probabilities whatever the batch size, packing and the
+    other questions in its pass (within 1e-4). In bf16 or fp16 the matmul kernels change with
+    the shape of the pass, so a question's probabilities move with its company (up to 0.08
+    measured, README "Precision"): faster where the hardware has them, not reproducible."""
     members_per_pass: int | None = None
     """Most members stacked in one forward/backward pass (None: all). Memory is bounded
     automatically by runtime.memory_budget_gb; this is an extra upper limit."""

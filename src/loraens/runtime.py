@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -48,6 +48,19 @@ def cpu_supports_bf16() -> bool:
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def resolve_precision(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype ``precision`` means on ``device`` (None: plain fp32)."""
+    dtypes = {"fp32": None, **_HALF}
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            precision = "bf16" if cpu_supports_bf16() else "fp32"
+    if precision not in dtypes:
+        raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}.")
+    return dtypes[precision]
+
+
 def resolve_runtime(
     device: str = "auto",
     precision: str = "auto",
@@ -61,15 +74,13 @@ def resolve_runtime(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available here.")
-    dtypes = {"fp32": None, **_HALF}
-    if precision == "auto":
-        if dev.type == "cuda":
-            precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            precision = "bf16" if cpu_supports_bf16() else "fp32"
-    if precision not in dtypes:
-        raise ValueError(f"precision must be one of auto, fp32, bf16, fp16; got {precision!r}.")
-    return Runtime(dev, dtypes[precision], packing, pack_tokens, memory_budget_gb)
+    return Runtime(dev, resolve_precision(dev, precision), packing, pack_tokens, memory_budget_gb)
+
+
+def scoring_runtime(runtime: Runtime, precision: str) -> Runtime:
+    """``runtime`` with the autocast dtype of ``precision`` (runtime.score_precision): a
+    training run may compute in bf16 and still score its questions in fp32."""
+    return replace(runtime, autocast_dtype=resolve_precision(runtime.device, precision))
 
 
 def runtime_from_config(config: RuntimeConfig, device: str | None = None) -> Runtime:
@@ -85,17 +96,16 @@ def runtime_from_config(config: RuntimeConfig, device: str | None = None) -> Run
 
 
 def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
-    """Dtype to hold the frozen base weights in (``model.dtype``).
+    """Dtype the frozen base model is loaded in (``model.dtype``): the whole model for an
+    explicit half dtype, float32 for "auto" (whose matmul weights
+    :func:`resolve_matmul_dtype` then narrows).
 
-    Half-precision weights halve the memory of the largest tensors of a run; they are only
-    sensible where the forward already runs in half precision, so "auto" picks bf16 on a CUDA
-    device with bf16 autocast and fp32 everywhere else, and half weights under fp32 compute
-    are refused rather than silently computing in half precision.
+    Half-precision weights under fp32 compute are refused rather than silently computing in
+    half precision.
     """
     dtypes = {"fp32": torch.float32, **_HALF}
     if dtype == "auto":
-        on_gpu_bf16 = runtime.device.type == "cuda" and runtime.autocast_dtype == torch.bfloat16
-        return torch.bfloat16 if on_gpu_bf16 else torch.float32
+        return torch.float32
     if dtype not in dtypes:
         raise ValueError(f"model.dtype must be one of auto, fp32, bf16, fp16; got {dtype!r}.")
     if dtypes[dtype] != torch.float32 and runtime.autocast_dtype is None:
@@ -105,3 +115,16 @@ def resolve_weights_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
             f"{dtype} (or auto on a GPU), or --model.dtype fp32."
         )
     return dtypes[dtype]
+
+
+def resolve_matmul_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
+    """Dtype the decoder's linear weights are held in (``model.dtype``).
+
+    "auto" holds them in the compute dtype: autocast would cast them to it on every pass
+    anyway, so a half copy is what the matmuls read, minus the per-pass casts and the fp32
+    copy (half the weights' memory). Embeddings, norms and the LM head stay float32, as autocast
+    computes them, so training is bit-identical to autocast over fp32 weights.
+    """
+    if dtype == "auto":
+        return runtime.autocast_dtype or torch.float32
+    return resolve_weights_dtype(dtype, runtime)

@@ -64,7 +64,7 @@ from loraens.evaluation.tables import METRICS
 from loraens.models.loading import load_base_model
 from loraens.models.lora import LoRAEnsemble
 from loraens.rundir import FewShotResult
-from loraens.runtime import Runtime, runtime_from_config
+from loraens.runtime import Runtime, runtime_from_config, scoring_runtime
 
 DEFAULT_K = 3
 DEFAULT_DRAWS = 10
@@ -387,7 +387,8 @@ def run_few_shot(
     gives the device, precision, eval batch size and progress bars.
     """
     train_qs, eval_qs = load_run_data(data)
-    resolved = runtime_from_config(runtime)
+    # Few-shot only scores: in the scoring precision, like a trained run's evaluation.
+    resolved = scoring_runtime(runtime_from_config(runtime), runtime.score_precision)
     base = load_base_model(model, device=resolved.device)
     log_probs, summary = few_shot_draws(
         base.model,

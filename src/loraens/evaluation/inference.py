@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 from loraens.data.packing import plan_rows, rows_batch
 from loraens.data.prompts import AnswerOptions, EncodedQuestions
 from loraens.evaluation.metrics import normalize_label_log_probs
+from loraens.models.loading import parameters_held_in
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import (
     batch_hidden_states,
@@ -109,8 +110,19 @@ def score_members(
     copies = max(m.stop - m.start for m in slices) * passes  # rows per question in a pass
     batches = token_bounded_batches(order, lengths, batch_size, max(PASS_TOKENS // copies, 1))
     dropout = ensemble.dropout_active() if passes > 1 else contextlib.nullcontext()
+    # fp32 scoring of half base weights (a bf16 run's own evaluation) reads them upcast:
+    # half-precision GEMMs pick kernels by the pass's shape, so a question's probabilities
+    # would move with the other questions in its pass.
+    # Cast outside inference mode: the restored weights must stay usable by autograd.
+    upcast = runtime.autocast_dtype is None
+    held = ensemble.base_parameters() if upcast else []
     try:
-        with torch.inference_mode(), runtime.autocast(), dropout:
+        with (
+            parameters_held_in(held, torch.float32),
+            torch.inference_mode(),
+            runtime.autocast(),
+            dropout,
+        ):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
                 rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
                 for members in slices:

@@ -10,10 +10,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -140,3 +143,51 @@ def load_base_model(
     model.eval()
     model.to(device)  # type: ignore[arg-type]  # transformers' stub wraps .to oddly
     return BaseModel(model=model, tokenizer=tokenizer, path=path)
+
+
+def matmul_weights(model: PreTrainedModel) -> list[nn.Parameter]:
+    """Weights (and biases) of the decoder's linear layers: the bulk of a model's memory, and
+    what autocast casts to the compute dtype on every pass. The LM head is not among them: its
+    weight is often the input embedding's, and the loss reads it in float32."""
+    head = model.get_output_embeddings()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m is not head]
+    return [p for m in linears for p in m.parameters(recurse=False)]
+
+
+def hold_matmul_weights_in(model: PreTrainedModel, dtype: torch.dtype) -> None:
+    """Hold the decoder's linear weights in ``dtype`` (model.dtype auto under half compute).
+
+    A float32 checkpoint loads as a memory map of its file; casting the linear weights reads
+    every page of it, and the pages stay resident while the float32 embeddings and norms
+    still point into it. Those are copied out, so the map, a second copy of all the weights
+    in the resident set, is released.
+    """
+    held = matmul_weights(model)
+    if all(p.dtype == dtype for p in held):
+        return
+    cast_parameters(held, dtype)
+    cast = {id(p) for p in held}
+    for param in model.parameters():
+        if id(param) not in cast:
+            param.data = param.data.clone()
+
+
+def cast_parameters(params: list[nn.Parameter], dtype: torch.dtype) -> None:
+    """Hold ``params`` in ``dtype``, in place (half -> float32 -> half is exact)."""
+    for param in params:
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+
+
+@contextmanager
+def parameters_held_in(params: list[nn.Parameter], dtype: torch.dtype) -> Iterator[None]:
+    """Hold ``params`` in ``dtype`` for the duration, then in their own dtypes again: fp32
+    scoring of a run whose matmul weights are half reads their exact values, and training
+    goes on from the same half weights."""
+    own = [p.dtype for p in params]
+    cast_parameters(params, dtype)
+    try:
+        yield
+    finally:
+        for param, param_dtype in zip(params, own, strict=True):
+            param.data = param.data.to(param_dtype)

@@ -60,8 +60,11 @@ class EnsembleLoRALinear(nn.Module):
         n_active = lora_A.shape[0]
         rows = x.reshape(n_active, -1, x.shape[-1])  # (members, rows·tokens, in)
         low_rank = torch.bmm(self.dropout(rows), lora_A.transpose(1, 2).to(rows.dtype))
+        # Scaled at rank r, not at the output width (24-72x fewer elements for SmolLM2, forward
+        # and backward); exact for a power-of-two alpha/r such as the paper's 32/8.
+        low_rank = low_rank * self.scaling
         update = torch.bmm(low_rank, lora_B.transpose(1, 2).to(low_rank.dtype))
-        return out + (self.scaling * update).reshape(out.shape).to(out.dtype)
+        return out + update.reshape(out.shape).to(out.dtype)
 
 
 class LoRAEnsemble(nn.Module):
@@ -103,6 +106,11 @@ class LoRAEnsemble(nn.Module):
             generator = torch.Generator().manual_seed(seed)
             for layer in self.lora_layers.values():
                 layer.reset_member(member, generator)
+
+    def base_parameters(self) -> list[nn.Parameter]:
+        """The frozen base model's parameters (every parameter but the members' A and B)."""
+        own = {id(p) for which in ("A", "B") for p in self.lora_parameters(which)}
+        return [p for p in self.model.parameters() if id(p) not in own]
 
     def lora_parameters(self, which: str) -> list[nn.Parameter]:
         """The stacked ``lora_A`` or ``lora_B`` tensors of every wrapped layer."""

@@ -86,9 +86,10 @@ def target_log_probs(
 
     In chunks of ``chunk`` positions so that at most chunk × vocab logits exist at once.
     """
+    head = _head_in(model, hidden.dtype)  # cast once, not once per chunk as autocast would
     parts = []
     for h, t in zip(hidden.split(chunk), targets.split(chunk), strict=True):
-        logits = _head(model)(h).float()
+        logits = F.linear(h, *head).float()
         parts.append(logits.gather(1, t[:, None]).squeeze(1) - logits.logsumexp(-1))
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
@@ -111,6 +112,17 @@ def option_scores(token_log_probs: torch.Tensor, batch: dict, normalization: str
 
 def _head(model: PreTrainedModel) -> nn.Linear:
     return model.get_output_embeddings()
+
+
+def _head_in(
+    model: PreTrainedModel, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias in ``dtype``. Autocast would cast the (frozen, often
+    tied to the embedding, so float32) vocabulary-sized weight again at every call; under
+    autocast ``dtype`` is the hidden states' compute dtype, so this is the same cast, once."""
+    head = _head(model)
+    bias = None if head.bias is None else head.bias.to(dtype)
+    return head.weight.to(dtype), bias
 
 
 def vocab_log_probs(model: PreTrainedModel, hidden: torch.Tensor) -> torch.Tensor:

@@ -98,6 +98,11 @@ class RunSummary:
     weights_dtype: str | None = None
     processes: int | None = None
     distributed_mode: str | None = None
+    matmul_weights_dtype: str | None = None
+    """dtype the decoder's linear weights were held in (model.dtype auto: the compute dtype);
+    loading the run rounds them the same way, so its scores match the run's own"""
+    score_precision: str | None = None
+    """precision of the run's own evaluation (runtime.score_precision resolved)"""
 
 
 @dataclass

@@ -38,13 +38,25 @@ from loraens.evaluation.ood import detection_rows
 from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import format_table, metric_rows, single_vs_ensemble
 from loraens.io import write_json_atomic, write_jsonl_atomic
-from loraens.models.loading import BaseModel, load_base_model, resolve_model_path
+from loraens.models.loading import (
+    BaseModel,
+    hold_matmul_weights_in,
+    load_base_model,
+    resolve_model_path,
+)
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import save_member
 from loraens.provenance import provenance
 from loraens.rundir import RunDir, RunSummary
 from loraens.rundir.card import write_card
-from loraens.runtime import Runtime, resolve_weights_dtype, runtime_from_config
+from loraens.rundir.load import refuse_remote_code
+from loraens.runtime import (
+    Runtime,
+    resolve_matmul_dtype,
+    resolve_weights_dtype,
+    runtime_from_config,
+    scoring_runtime,
+)
 from loraens.tracking import RunTracker, open_tracker, run_files
 from loraens.training.checkpoint import (
     TrainState,
@@ -123,11 +135,16 @@ def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> None:
     run.write_config(cfg)
 
 
-def resume_config(run_dir: str | Path) -> TrainConfig:
+def resume_config(run_dir: str | Path, *, trust_remote_code: bool = False) -> TrainConfig:
+    """The saved configuration of the run to resume. ``--resume`` takes every setting from the
+    directory, which may not be the user's: its trust_remote_code needs ``trust_remote_code``
+    (``--model.trust_remote_code true``) too. A rerun with the user's own config does not."""
     run = RunDir(Path(run_dir))
     if not run.config.exists():
         raise FileNotFoundError(f"Cannot resume: {run.root} has no {run.config.name}.")
-    return run.read_config()
+    cfg = run.read_config()
+    refuse_remote_code(run.config, cfg.model, trust_remote_code, "--model.trust_remote_code true")
+    return cfg
 
 
 @dataclass
@@ -148,6 +165,7 @@ class _Setup:
     started: float
     dist: Dist
     weights_dtype: torch.dtype
+    matmul_dtype: torch.dtype  # the decoder's linear weights (model.dtype auto narrows them)
     tracker: RunTracker  # rank 0's logger (tensorboard, mlflow); a no-op elsewhere and for csv
 
 
@@ -192,7 +210,10 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
             return _train_lora(setup, extra)
 
 
-def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, BaseModel]:
+def _load_model(
+    cfg: TrainConfig, dist: Dist
+) -> tuple[Runtime, tuple[torch.dtype, torch.dtype], BaseModel]:
+    """The runtime, the (model, matmul weights) dtypes and the base model."""
     device = str(dist.device) if dist.active else cfg.runtime.device
     runtime = runtime_from_config(cfg.runtime, device)
     weights_dtype = resolve_weights_dtype(cfg.model.dtype, runtime)
@@ -211,7 +232,9 @@ def _load_model(cfg: TrainConfig, dist: Dist) -> tuple[Runtime, torch.dtype, Bas
         dtype=weights_dtype,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    return runtime, weights_dtype, base
+    matmul_dtype = resolve_matmul_dtype(cfg.model.dtype, runtime)
+    hold_matmul_weights_in(base.model, matmul_dtype)
+    return runtime, (weights_dtype, matmul_dtype), base
 
 
 def _encode_all(
@@ -235,7 +258,7 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSe
     started = time.perf_counter()
     # Before the model loads, so a logger whose package is missing fails at once.
     tracker = open_tracker(cfg, run, enabled=dist.is_main)
-    runtime, weights_dtype, base = _load_model(cfg, dist)
+    runtime, (weights_dtype, matmul_dtype), base = _load_model(cfg, dist)
     train_qs, eval_qs = load_run_data(cfg.data)
     holdout_qs: list[Question] = []
     if cfg.optim.patience is not None or cfg.data.calibrate:
@@ -265,6 +288,7 @@ def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSe
         started=started,
         dist=dist,
         weights_dtype=weights_dtype,
+        matmul_dtype=matmul_dtype,
         tracker=tracker,
     )
     return setup, _ExtraSets(holdout=holdout_set, ood=ood_set)
@@ -364,7 +388,7 @@ def _build(s: _Setup) -> _Fit:
     evaluate = _Evaluator(
         ensemble,
         s.label_ids,
-        s.runtime,
+        scoring_runtime(s.runtime, cfg.runtime.score_precision),
         dist,
         batch_size=cfg.runtime.eval_batch_size,
         members_per_pass=cfg.runtime.members_per_pass,
@@ -551,6 +575,10 @@ def _finish(
         wall_seconds=time.perf_counter() - s.started,
         precision=str(runtime.autocast_dtype or "fp32"),
         weights_dtype=str(s.weights_dtype),
+        matmul_weights_dtype=str(s.matmul_dtype),
+        score_precision=str(
+            scoring_runtime(runtime, s.cfg.runtime.score_precision).autocast_dtype or "fp32"
+        ),
         device=str(runtime.device),
         processes=dist.world_size,
         distributed_mode=dist.mode,
