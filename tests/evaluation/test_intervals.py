@@ -12,6 +12,8 @@ from scipy.stats import bootstrap, entropy
 
 from loraens.evaluation.intervals import (
     METRIC_FUNCTIONS,
+    auroc_difference,
+    auroc_interval,
     diversity_difference,
     ensemble_minus_single,
     paired_difference,
@@ -266,3 +268,73 @@ def test_inputs_are_checked(seeds_data):
         diversity_difference(members, members, "variance")
     with pytest.raises(ValueError, match="same number of questions"):
         diversity_difference(members, [m[:, :-1] for m in members], "disagreement")
+
+
+# ----------------------------------------------------------------------------- OOD detection
+
+
+def _sklearn_auroc(s_in, s_out):
+    from sklearn.metrics import roc_auc_score
+
+    return roc_auc_score(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
+
+
+@pytest.mark.parametrize("stacked", [False, True])
+def test_auroc_interval_is_the_loop_over_draws_of_both_sets_with_ties(stacked):
+    rng = np.random.default_rng(5)
+    n_in, n_out, r = 23, 11, 150
+    shape = (3,) if stacked else ()
+    # Scores on a coarse grid: many ties, within and across the two sets.
+    pairs = [
+        (
+            np.round(rng.normal(size=(*shape, n_in)), 1),
+            np.round(rng.normal(0.4, size=(*shape, n_out)), 1),
+        )
+        for _ in range(2)
+    ]
+    got = auroc_interval(pairs, n_resamples=r, seed=9)
+    draws = np.random.default_rng(9)
+    idx_in, idx_out = draws.integers(0, n_in, (r, n_in)), draws.integers(0, n_out, (r, n_out))
+
+    def statistic(i, o):
+        return np.mean(
+            [
+                np.mean(
+                    [
+                        _sklearn_auroc(a[i], b[o])
+                        for a, b in zip(np.atleast_2d(x), np.atleast_2d(z), strict=True)
+                    ]
+                )
+                for x, z in pairs
+            ]
+        )
+
+    everything = np.arange(n_in), np.arange(n_out)
+    per_seed = [
+        np.mean(
+            [_sklearn_auroc(a, b) for a, b in zip(np.atleast_2d(x), np.atleast_2d(z), strict=True)]
+        )
+        for x, z in pairs
+    ]
+    low, high = np.percentile(
+        [statistic(i, o) for i, o in zip(idx_in, idx_out, strict=True)], [2.5, 97.5]
+    )
+    assert got.estimate == pytest.approx(statistic(*everything), abs=1e-12)
+    assert got.per_seed == pytest.approx(per_seed, abs=1e-12)
+    assert (got.low, got.high) == pytest.approx((low, high), abs=1e-12)
+    assert (got.n_questions, got.n_resamples, got.n_seeds) == (n_out, r, 2)
+
+
+def test_auroc_difference_uses_the_same_draws_for_a_and_b():
+    rng = np.random.default_rng(6)
+    a = [(rng.normal(size=15), rng.normal(1.0, size=12))]
+    b = [(rng.normal(size=15), rng.normal(0.2, size=12))]
+    d = auroc_difference(a, b, n_resamples=200, seed=2)
+    ia, ib = auroc_interval(a, n_resamples=200, seed=2), auroc_interval(b, n_resamples=200, seed=2)
+    assert d.estimate == pytest.approx(ia.estimate - ib.estimate, abs=1e-12)
+    assert (d.a, d.b) == pytest.approx((ia.estimate, ib.estimate), abs=1e-12)
+    # A − A is exactly 0 on every resample: the same draws.
+    same = auroc_difference(a, a, n_resamples=200, seed=2)
+    assert (same.low, same.high, same.estimate) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="same in-distribution and OOD questions"):
+        auroc_interval([a[0], (a[0][0], a[0][1][:5])])

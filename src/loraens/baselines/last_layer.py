@@ -14,6 +14,9 @@ Which rows train depends on ``model.scoring``:
   summed and normalised as for LoRA members (:func:`loraens.models.scoring.option_scores`);
   tokens that occur only in eval options keep their pretrained rows (no eval text shapes
   training). The loss is ``optim.loss``, as for LoRA members.
+
+A finished run's members are reloaded by :func:`load_last_layer_run`, whose ``score`` scores
+any question set the way training scores the eval set (an experiment's ``ood_eval``).
 """
 
 from __future__ import annotations
@@ -25,16 +28,20 @@ from typing import Protocol
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel
 
-from loraens.config import OptionLoss
+from loraens.config import ModelConfig, OptionLoss
 from loraens.data.batching import epoch_order
 from loraens.data.packing import plan_rows, rows_batch
-from loraens.data.prompts import EncodedQuestions
+from loraens.data.prompts import EncodedQuestions, encode_questions
+from loraens.data.records import Question
 from loraens.evaluation.metrics import normalize_label_log_probs
 from loraens.io import atomic_path, write_json_atomic
+from loraens.models.loading import BaseModel
 from loraens.models.scoring import answer_features, option_scores, target_states
+from loraens.rundir import RunDir
+from loraens.rundir.load import load_run_base, refuse_remote_code
 from loraens.runtime import Runtime
 
 WEIGHTS = "last_layer.safetensors"
@@ -298,3 +305,63 @@ def save_last_layer_member(ensemble: LastLayerEnsemble, member: int, folder: Pat
             tmp / WEIGHTS,
         )
         write_json_atomic(tmp / "last_layer.json", {"method": "last_layer", "member": member})
+
+
+@dataclass
+class LastLayerRun:
+    """A finished last-layer run: its base model and every member's trained head rows."""
+
+    ensemble: LastLayerEnsemble
+    base: BaseModel
+    runtime: Runtime
+    model_config: ModelConfig
+
+    def score(self, questions: Sequence[Question], batch_size: int = 32) -> np.ndarray:
+        """Every member's log p_T on ``questions``, (M, N, max options): the features and
+        scores training computes for its eval set (letters' rows, or option tokens' rows)."""
+        cfg, model = self.model_config, self.base.model
+        encoded = encode_questions(
+            self.base.tokenizer, list(questions), cfg.max_length, cfg.scoring, cfg.normalization
+        )
+        features: _Features
+        if encoded.options is None:
+            if max(encoded.n_choices) > len(self.ensemble.token_ids):
+                raise ValueError(
+                    f"the run trained {len(self.ensemble.token_ids)} answer letters' rows; "
+                    f"these questions have up to {max(encoded.n_choices)} options"
+                )
+            features = _LetterFeatures(model, encoded, self.ensemble, self.runtime)
+        else:
+            positions = option_positions(model, encoded, self.runtime, batch_size)
+            head = model.get_output_embeddings().weight
+            features = _OptionFeatures(positions, encoded, self.ensemble, head, "option_nll")
+        return features.log_p(self.ensemble)
+
+
+def load_last_layer_run(
+    run_dir: str | Path,
+    device: str = "auto",
+    precision: str = "fp32",
+    *,
+    trust_remote_code: bool = False,
+) -> LastLayerRun:
+    """A finished last-layer run's members on its base model (``trust_remote_code``: as
+    :func:`~loraens.rundir.load.load_run`'s)."""
+    run = RunDir(Path(run_dir))
+    cfg = run.read_config()
+    refuse_remote_code(run.config, cfg.model, trust_remote_code)
+    if cfg.ensemble.method != "last_layer":
+        raise ValueError(f"{run.root} is not a last-layer run (ensemble.method last_layer).")
+    folders = run.member_folders()
+    if not folders or not all((f / WEIGHTS).is_file() for f in folders):
+        raise ValueError(f"{run.root} holds no saved last-layer members (members/*/{WEIGHTS}).")
+    saved = [load_file(f / WEIGHTS) for f in folders]
+    token_ids = saved[0]["token_ids"]
+    if any(not torch.equal(s["token_ids"], token_ids) for s in saved):
+        raise ValueError(f"the members of {run.root} trained different head rows")
+    runtime, base = load_run_base(run, device, precision)
+    head = base.model.get_output_embeddings().weight
+    ensemble = LastLayerEnsemble(head, token_ids, len(saved))
+    with torch.no_grad():
+        ensemble.rows.copy_(torch.stack([s["rows"] for s in saved]).float())
+    return LastLayerRun(ensemble, base, runtime, cfg.model)

@@ -45,6 +45,7 @@ __all__ = [
     "check_decisions",
     "evaluate_with_decisions",
     "fit_calibration",
+    "ood_json",
     "ood_result",
     "ood_with_temperature",
     "predict_with_decisions",
@@ -59,15 +60,17 @@ def calibrate_run(
     *,
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> CalibrationRecord:
     """Fit (again) a run's temperatures: on ``file``'s labelled questions, which are scored and
-    become the run's held-out set, or on the held-out log-probs training saved."""
+    become the run's held-out set, or on the held-out log-probs training saved.
+    ``trust_remote_code``: as :func:`~loraens.rundir.load.load_run`'s."""
     run = RunDir(Path(run_dir))
     if file is not None:
         questions = load_questions_file(file, require_answer=True)
-        loaded = load_run(run.root, device, precision)
+        loaded = load_run(run.root, device, precision, trust_remote_code=trust_remote_code)
         lp = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
         labels = np.asarray([q.answer for q in questions])
         write_calibration(run, 0, lp, labels, source=str(file))
@@ -247,8 +250,9 @@ def ood_result(
     seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
     """:func:`~loraens.evaluation.ood.evaluate_run_ood`'s figures (the ``ood`` command's JSON),
     with, for a calibrated run, "single + TS" / "ensemble + TS" rows in its "ood" table and an
@@ -263,7 +267,14 @@ def ood_result(
         device=device,
         precision=precision,
         progress=progress,
+        trust_remote_code=trust_remote_code,
     )
+    return ood_json(run, evaluated)
+
+
+def ood_json(run: str | Path, evaluated: RunOOD) -> dict:
+    """The ``ood`` command's JSON of an OOD evaluation of ``run``: its figures, with the "+ TS"
+    ones when the run is calibrated (see :func:`ood_result`)."""
     result = {"ood_set": evaluated.ood_set, **evaluated.metrics}
     temps = read_decisions(run).temperatures
     if temps is not None:

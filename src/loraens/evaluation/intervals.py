@@ -23,6 +23,13 @@ bins of |Σ (correct − confidence)| / N, whose bins do not change under resamp
 
 The members' diversity (mutual information, disagreement) is a mean of per-question terms of
 a model's member stack; its differences use the same draws (:func:`diversity_difference`).
+
+OOD detection (:func:`auroc_interval`, :func:`auroc_difference`) scores two question sets, the
+in-distribution one (N_in questions) and the OOD one (N_out); a resample draws the questions of
+both, from one generator: ``rng = np.random.default_rng(seed)``, then
+``rng.integers(0, N_in, size=(n_resamples, N_in))`` (the draws above, for the in-distribution
+set) and ``rng.integers(0, N_out, size=(n_resamples, N_out))``. The AUROC of a resample is the
+Mann–Whitney statistic over its drawn pairs (ties count half), computed from the drawn counts.
 """
 
 from __future__ import annotations
@@ -42,6 +49,9 @@ __all__ = [
     "DIVERSITY_FUNCTIONS",
     "METRIC_FUNCTIONS",
     "Difference",
+    "Interval",
+    "auroc_difference",
+    "auroc_interval",
     "diversity_difference",
     "ensemble_minus_single",
     "paired_difference",
@@ -69,8 +79,50 @@ DIVERSITY_FUNCTIONS: dict[str, Callable[[ArrayLike], FloatArray]] = {
 }
 
 
+class _SeedSpread:
+    """The spread over seeds of a statistic's per-seed values (``per_seed``)."""
+
+    per_seed: tuple[float, ...]
+
+    @property
+    def n_seeds(self) -> int:
+        return len(self.per_seed)
+
+    @property
+    def seed_mean(self) -> float:
+        return float(np.mean(self.per_seed))
+
+    @property
+    def seed_sd(self) -> float:
+        """Sample standard deviation (ddof 1) over seeds; NaN with one seed."""
+        return float(np.std(self.per_seed, ddof=1)) if self.n_seeds > 1 else math.nan
+
+    @property
+    def seed_min(self) -> float:
+        return float(np.min(self.per_seed))
+
+    @property
+    def seed_max(self) -> float:
+        return float(np.max(self.per_seed))
+
+
 @dataclass(frozen=True)
-class Difference:
+class Interval(_SeedSpread):
+    """A statistic (not a difference: an AUROC), mean over seeds, with its bootstrap interval."""
+
+    estimate: float
+    """Mean over seeds of the statistic on all questions."""
+    low: float
+    high: float
+    per_seed: tuple[float, ...]
+    n_questions: int
+    """Questions of the (OOD) set the statistic is about."""
+    n_resamples: int
+    level: float = LEVEL
+
+
+@dataclass(frozen=True)
+class Difference(_SeedSpread):
     """A − B of one metric, with its paired-bootstrap interval over questions and its seeds."""
 
     estimate: float
@@ -95,34 +147,18 @@ class Difference:
         """The interval excludes 0 (False when it is undefined)."""
         return bool(self.low > 0 or self.high < 0)
 
-    @property
-    def n_seeds(self) -> int:
-        return len(self.per_seed)
-
-    @property
-    def seed_mean(self) -> float:
-        return float(np.mean(self.per_seed))
-
-    @property
-    def seed_sd(self) -> float:
-        """Sample standard deviation (ddof 1) over seeds; NaN with one seed."""
-        return float(np.std(self.per_seed, ddof=1)) if self.n_seeds > 1 else math.nan
-
-    @property
-    def seed_min(self) -> float:
-        return float(np.min(self.per_seed))
-
-    @property
-    def seed_max(self) -> float:
-        return float(np.max(self.per_seed))
-
 
 # ----------------------------------------------------------------------------- resampling
 
 
 def _resample_counts(n: int, n_resamples: int, seed: int) -> FloatArray:
     """(R, N): how often resample r draws question i (the draws of the module docstring)."""
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_resamples, n))
+    return _counts(np.random.default_rng(seed).integers(0, n, size=(n_resamples, n)), n)
+
+
+def _counts(idx: NDArray[np.int64], n: int) -> FloatArray:
+    """(R, N) counts of the (R, N) drawn indices ``idx``."""
+    n_resamples = len(idx)
     # Row r's indices shifted into their own block of N, so one bincount counts every row.
     flat = (idx + n * np.arange(n_resamples)[:, None]).ravel()
     return np.bincount(flat, minlength=n_resamples * n).reshape(n_resamples, n).astype(np.float64)
@@ -340,3 +376,112 @@ def ensemble_minus_single(
         seed=seed,
         level=level,
     )
+
+
+# ----------------------------------------------------------------------------- OOD detection
+
+
+def _pair_counts(n_in: int, n_out: int, n_resamples: int, seed: int):
+    """(R, N_in) and (R, N_out) counts of both sets' draws (the module docstring's)."""
+    rng = np.random.default_rng(seed)
+    idx_in = rng.integers(0, n_in, size=(n_resamples, n_in))
+    idx_out = rng.integers(0, n_out, size=(n_resamples, n_out))
+    return _counts(idx_in, n_in), _counts(idx_out, n_out)
+
+
+def _resampled_auroc(
+    s_in: FloatArray, s_out: FloatArray, c_in: FloatArray, c_out: FloatArray
+) -> FloatArray:
+    """(R,): the Mann–Whitney AUROC of every resample, from the drawn counts: Σ over drawn
+    pairs of [s_out > s_in] + ½ [s_out = s_in], over N_in · N_out."""
+    order = np.argsort(s_in, kind="stable")
+    ranked = s_in[order]
+    # cum[r, j]: in-distribution questions drawn by resample r among the j lowest scores.
+    cum = np.concatenate([np.zeros((len(c_in), 1)), np.cumsum(c_in[:, order], axis=1)], axis=1)
+    below = np.searchsorted(ranked, s_out, side="left")
+    upto = np.searchsorted(ranked, s_out, side="right")
+    wins = cum[:, below] + 0.5 * (cum[:, upto] - cum[:, below])  # (R, N_out)
+    return np.sum(wins * c_out, axis=1) / (s_in.size * s_out.size)
+
+
+def _score_stacks(pair: tuple[ArrayLike, ArrayLike]) -> tuple[FloatArray, FloatArray]:
+    """One seed's (in, OOD) scores as (J, N_in) and (J, N_out) stacks."""
+    s_in, s_out = (np.atleast_2d(np.asarray(x, dtype=np.float64)) for x in pair)
+    if s_in.ndim != 2 or s_out.ndim != 2 or len(s_in) != len(s_out) or 0 in s_in.shape:
+        raise ValueError(
+            f"scores must be (N,) or (J, N) with the same J, got {s_in.shape}, {s_out.shape}"
+        )
+    if s_out.shape[1] == 0 or np.isnan(s_in).any() or np.isnan(s_out).any():
+        raise ValueError("OOD detection needs OOD questions and scores without NaN")
+    return s_in, s_out
+
+
+def _auroc_statistics(
+    scores: Sequence[tuple[ArrayLike, ArrayLike]], n_resamples: int, seed: int
+) -> tuple[list[float], FloatArray, int]:
+    """Each seed's AUROC on all questions (mean over its J stacked scores), the mean over
+    seeds of every resample's, and N_out."""
+    stacks = [_score_stacks(pair) for pair in scores]
+    n_in, n_out = stacks[0][0].shape[1], stacks[0][1].shape[1]
+    if any(x.shape[1] != n_in or z.shape[1] != n_out for x, z in stacks):
+        raise ValueError("every seed must score the same in-distribution and OOD questions")
+    c_in, c_out = _pair_counts(n_in, n_out, n_resamples, seed)
+    values = [
+        float(np.mean([metrics.auroc(a, b) for a, b in zip(x, z, strict=True)])) for x, z in stacks
+    ]
+    resampled = np.mean(
+        [
+            np.mean(
+                [_resampled_auroc(a, b, c_in, c_out) for a, b in zip(x, z, strict=True)], axis=0
+            )
+            for x, z in stacks
+        ],
+        axis=0,
+    )
+    return values, resampled, n_out
+
+
+def auroc_interval(
+    scores: Sequence[tuple[ArrayLike, ArrayLike]],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Interval:
+    """AUROC of telling OOD questions (positive) from in-distribution ones by a score (higher:
+    more OOD), mean over seeds, with the bootstrap interval that resamples both sets' questions.
+
+    ``scores`` holds one (in, OOD) pair per seed: (N_in,) and (N_out,) scores, or (J, N_in) and
+    (J, N_out) stacks whose AUROC is averaged over J (each single member's own score). Every
+    seed scores the same questions, so one draw serves them all.
+    """
+    _check_seeds(scores, scores, n_resamples, level)
+    values, resampled, n_out = _auroc_statistics(scores, n_resamples, seed)
+    tail = (1 - level) / 2
+    return Interval(
+        estimate=float(np.mean(values)),
+        low=_percentile(resampled, tail),
+        high=_percentile(resampled, 1 - tail),
+        per_seed=tuple(values),
+        n_questions=n_out,
+        n_resamples=n_resamples,
+        level=level,
+    )
+
+
+def auroc_difference(
+    a: Sequence[tuple[ArrayLike, ArrayLike]],
+    b: Sequence[tuple[ArrayLike, ArrayLike]],
+    *,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    level: float = LEVEL,
+) -> Difference:
+    """A − B of the OOD-detection AUROC (see :func:`auroc_interval`) over seeds, both scored
+    on the same questions and resampled with the same draws. ``n_questions`` is N_out."""
+    _check_seeds(a, b, n_resamples, level)
+    a_values, a_resampled, n_out = _auroc_statistics(a, n_resamples, seed)
+    b_values, b_resampled, b_out = _auroc_statistics(b, n_resamples, seed)
+    if b_out != n_out:
+        raise ValueError(f"A and B score different OOD sets: {n_out} vs {b_out} questions")
+    return _difference(a_values, b_values, a_resampled - b_resampled, n_out, level)

@@ -189,6 +189,58 @@ class RunOOD:
     in_labels: np.ndarray | None = None
     ood_labels: np.ndarray | None = None
     """The answers, where every question of the set has one."""
+    in_ids: tuple[str, ...] = ()
+    ood_ids: tuple[str, ...] = ()
+    """The questions' ids, in the log-probs' order."""
+
+
+def in_distribution_questions(run: str | Path, limit: int | None, seed: int) -> list[Question]:
+    """The run's own eval questions an OOD set is told apart from: at most ``limit`` of them,
+    drawn with ``seed`` (the same subset whatever the OOD set)."""
+    return subset(load_run_data(RunDir(Path(run)).read_config().data)[1], limit, seed)
+
+
+def ood_questions(
+    run: str | Path,
+    ood_task: str | None,
+    ood_file: str | None,
+    limit: int | None,
+    seed: int,
+) -> tuple[str, list[Question]]:
+    """The OOD set's name and at most ``limit`` of its questions drawn with ``seed``:
+    ``ood_task``'s eval split or ``ood_file``'s questions, with neither the paper's partner of
+    the run's task (:func:`ood_partner`)."""
+    if ood_task is None and ood_file is None:
+        ood_task = ood_partner(RunDir(Path(run)).read_config().data.task)
+    questions = questions_for(ood_task, ood_file, require_answer=False)
+    return str(ood_task or ood_file), subset(questions, limit, seed)
+
+
+def check_ood_sets(in_questions: Sequence[Question], ood: Sequence[Question]) -> None:
+    if not in_questions or not ood:
+        raise ValueError("OOD evaluation needs at least one in-distribution and one OOD question.")
+
+
+def run_ood(
+    ood_set: str,
+    in_questions: Sequence[Question],
+    ood: Sequence[Question],
+    lp_in: np.ndarray,
+    lp_out: np.ndarray,
+) -> RunOOD:
+    """:func:`ood_metrics` of a run's log-probs on both sets, kept with them, their labels
+    and their question ids."""
+    y_in, y_out = _labels(in_questions), _labels(ood)
+    return RunOOD(
+        ood_set,
+        ood_metrics(lp_in, lp_out, y_out, y_in),
+        lp_in,
+        lp_out,
+        y_in,
+        y_out,
+        tuple(q.id for q in in_questions),
+        tuple(q.id for q in ood),
+    )
 
 
 def evaluate_run_ood(
@@ -200,26 +252,21 @@ def evaluate_run_ood(
     seed: int = 0,
     batch_size: int = 32,
     device: str = "auto",
-    precision: str = "auto",
+    precision: str = "fp32",
     progress: bool = False,
+    trust_remote_code: bool = False,
 ) -> RunOOD:
     """OOD evaluation of a trained run against its own eval split (the ``ood`` command).
 
     The OOD set is ``ood_task``'s eval split or the questions of ``ood_file``; with neither, the
     paper's partner of the run's task (:func:`ood_partner`). ``limit`` scores a random subset of
-    at most that many questions from each set, drawn with ``seed``.
+    at most that many questions from each set, drawn with ``seed``. ``trust_remote_code``: as
+    :func:`~loraens.rundir.load.load_run`'s.
     """
-    data_cfg = RunDir(Path(run)).read_config().data
-    in_questions = load_run_data(data_cfg)[1]
-    if ood_task is None and ood_file is None:
-        ood_task = ood_partner(data_cfg.task)
-    ood_questions = subset(questions_for(ood_task, ood_file, require_answer=False), limit, seed)
-    in_questions = subset(in_questions, limit, seed)
-    if not in_questions or not ood_questions:
-        raise ValueError("OOD evaluation needs at least one in-distribution and one OOD question.")
-    loaded = load_run(run, device, precision)
+    name, ood = ood_questions(run, ood_task, ood_file, limit, seed)
+    in_questions = in_distribution_questions(run, limit, seed)
+    check_ood_sets(in_questions, ood)
+    loaded = load_run(run, device, precision, trust_remote_code=trust_remote_code)
     lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
-    lp_out = score_questions(loaded, ood_questions, batch_size=batch_size, progress=progress)
-    y_in, y_out = _labels(in_questions), _labels(ood_questions)
-    metrics = ood_metrics(lp_in, lp_out, y_out, y_in)
-    return RunOOD(str(ood_task or ood_file), metrics, lp_in, lp_out, y_in, y_out)
+    lp_out = score_questions(loaded, ood, batch_size=batch_size, progress=progress)
+    return run_ood(name, in_questions, ood, lp_in, lp_out)

@@ -3,7 +3,8 @@
 ``write_report(paths, out)`` searches ``paths`` for run directories and writes to ``out``:
 ``index.html`` (one static page), ``fig-*.png`` and CSV files holding the same numbers
 (``runs.csv``, ``epochs.csv``, ``table1.csv``, ``size.csv``, ``decay_target.csv``,
-``decisions.csv``, ``ood_decisions.csv``, ``differences.csv``).
+``decisions.csv``, ``ood_decisions.csv``, ``differences.csv``; ``shift.csv`` and
+``shift_differences.csv`` when runs carry OOD records, see :mod:`loraens.experiments.shift`).
 
 This module writes the files and assembles the page, building every section the same way
 (:func:`build_section`). How runs are found and classified is in :mod:`loraens.experiments.runs`;
@@ -29,6 +30,7 @@ from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
 from loraens.experiments.runs import RunSet, collect_runs, provenance
 from loraens.experiments.sections import SECTIONS, Panel, SectionSpec
+from loraens.experiments.shift import SHIFT_SECTIONS
 from loraens.io import write_text_atomic
 
 __all__ = ["Section", "build_section", "epoch_rows", "run_rows", "write_report"]
@@ -154,8 +156,10 @@ def build_section(spec: SectionSpec, rs: RunSet, folder: _Folder) -> Section:
         panels[task] = spec.panel(rs, task)
         section.notes += panels[task].page_notes(task)
     rows = [row for p in panels.values() for row in p.rows]
-    if spec.csv:
+    if spec.csv and (rows or not spec.csv_if_rows):
         folder.write_csv(spec.csv, spec.columns, rows)
+    elif spec.csv:  # none this time: drop one an earlier report left in the same folder
+        (folder.path / spec.csv).unlink(missing_ok=True)
     if spec.draw is None:
         if rows:
             section.tables.append((list(spec.columns), rows))
@@ -353,7 +357,7 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"No finished runs found in {searched}.{ignored}")
     folder = _Folder(Path(out))
     folder.path.mkdir(parents=True, exist_ok=True)
-    sections = [_build(spec, rs, folder) for spec in SECTIONS]
+    sections = [_build(spec, rs, folder) for spec in (*SECTIONS, *SHIFT_SECTIONS)]
     _write_csv(folder.path / "runs.csv", RUN_COLUMNS, run_rows(rs))
     _write_csv(folder.path / "epochs.csv", EPOCH_COLUMNS, epoch_rows(rs))
     # A figure skipped this time must not linger from an earlier report in the same folder.

@@ -4,6 +4,10 @@ A cell's directory is complete once its last file is written (summary.json for t
 few_shot.json for few-shot), so a rerun skips it; an interrupted training cell continues from
 its last checkpoint (see loraens.training.run). A failing cell does not stop the others: the
 failures are listed at the end and the command exits non-zero.
+
+A training cell is then scored on the experiment's ``ood_eval`` sets
+(:mod:`loraens.decisions.ood`): ``ood/<set>_log_probs.safetensors`` and ``ood/<set>.json`` per
+set; a set lacking either is scored again on a rerun, without retraining.
 """
 
 from __future__ import annotations
@@ -14,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from loraens.experiments.spec import Cell, Experiment
-from loraens.io import write_json_atomic
 from loraens.rundir import CellRecord, RunDir
 
 log = logging.getLogger(__name__)
@@ -24,10 +27,16 @@ def cell_dir(root: Path, experiment: Experiment, cell: Cell) -> Path:
     return root / experiment.name / cell.task / cell.name / f"seed-{cell.seed}"
 
 
+def _ood_task_done(run: RunDir, task: str) -> bool:
+    """An OOD evaluation is complete once its per-question records and its JSON exist (the
+    JSON is written last; a cell scored before the records were kept is scored again)."""
+    return run.ood_log_probs(task).is_file() and run.ood_result(task).is_file()
+
+
 def _ood_done(experiment: Experiment, cell: Cell, folder: Path) -> bool:
     if cell.kind == "few_shot":
         return True
-    return all(RunDir(folder).ood_result(t).exists() for t in experiment.ood_eval.tasks)
+    return all(_ood_task_done(RunDir(folder), t) for t in experiment.ood_eval.tasks)
 
 
 def cell_status(folder: Path, cell: Cell) -> str:
@@ -87,17 +96,35 @@ def _run_few_shot(cell: Cell, folder: Path) -> None:
 
 
 def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
-    """Score a finished training cell on the experiment's ood_eval sets (those not yet done),
-    with the "+ TS" figures when the run is calibrated."""
-    from loraens.decisions.run import ood_result
+    """Score a finished training cell (LoRA, MC dropout or last-layer) on the experiment's
+    ood_eval sets not yet done: per-question records, then the JSON with the "+ TS" figures
+    when the run is calibrated. The model is loaded and the in-distribution questions are
+    scored once for all of them."""
+    from loraens.decisions.ood import evaluate_ood_sets, write_ood_evaluation
 
     run = RunDir(folder)
-    for task in experiment.ood_eval.tasks:
-        if run.ood_result(task).exists():
-            continue
-        log.info("%s: OOD evaluation on %s", cell.key, task)
-        result = ood_result(folder, task, limit=experiment.ood_eval.limit, seed=cell.seed)
-        write_json_atomic(run.ood_result(task), result)
+    todo = [t for t in experiment.ood_eval.tasks if not _ood_task_done(run, t)]
+    if not todo:
+        return
+    log.info("%s: OOD evaluation on %s", cell.key, ", ".join(todo))
+    # The cell's own precision: "auto" would score a pinned-fp32 experiment in bf16 on a
+    # bf16-capable CPU, so its OOD figures would not compare with its in-distribution ones.
+    runtime = cell.config.runtime
+    evaluations = evaluate_ood_sets(
+        folder,
+        todo,
+        limit=experiment.ood_eval.limit,
+        # The subset seed, not the cell's: every seed and method of a task is then scored on
+        # the same questions, so the report pairs them question by question.
+        seed=cell.config.data.subset_seed,
+        device=runtime.device,
+        precision=runtime.precision,
+        # From the user's experiment file, not the folder: training has just checked the
+        # folder's config against it.
+        trust_remote_code=cell.config.model.trust_remote_code,
+    )
+    for evaluated in evaluations:
+        write_ood_evaluation(folder, evaluated)
 
 
 def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:

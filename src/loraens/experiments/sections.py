@@ -128,6 +128,7 @@ class SectionSpec:
     caption: str = ""
     csv: str = ""  # file name for the panels' rows (written even when empty)
     columns: tuple[str, ...] = ()
+    csv_if_rows: bool = False  # write the CSV only when some task gives rows
 
 
 def _lacking(drawn: bool, missing: Sequence[str]) -> str:

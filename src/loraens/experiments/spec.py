@@ -10,7 +10,8 @@ seeds: [0]
 ood: paper                      # score the paper's OOD partner every epoch (or {task: ood})
 ood_eval:                       # after training, score these tasks' eval splits as OOD sets
   tasks: [arcc, mmlu-chem]      # (OUT/.../seed-<s>/ood/<task>.json, `loraens ood` figures,
-  limit: 200                    #  with "+ TS" rows when the run is calibrated)
+  limit: 200                    #  with "+ TS" rows when the run is calibrated, and the
+                                #  per-question ood/<task>_log_probs.safetensors)
 cells:
   none: {}
   kl: {optim.kl_beta: [0.01, 0.05]}        # a list expands: kl-kl_beta=0.01, kl-kl_beta=0.05
@@ -69,7 +70,8 @@ class OODEval:
 
     tasks: tuple[str, ...] = ()
     limit: int | None = None
-    """At most this many questions of each set (and of the cell's own eval split)."""
+    """At most this many questions of each set (and of the cell's own eval split), drawn with
+    the cell's data.subset_seed: the same questions for every seed and method."""
 
 
 @dataclass(frozen=True)

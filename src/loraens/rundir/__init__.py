@@ -8,7 +8,7 @@ This package sits below :mod:`loraens.training`, :mod:`loraens.evaluation` and
 
 from loraens.io import read_jsonl
 from loraens.rundir.layout import RunDir
-from loraens.rundir.log_probs import EvalLogProbs
+from loraens.rundir.log_probs import EvalLogProbs, OODLogProbs
 from loraens.rundir.records import (
     CalibrationRecord,
     CellRecord,
@@ -22,6 +22,7 @@ __all__ = [
     "CellRecord",
     "EvalLogProbs",
     "FewShotResult",
+    "OODLogProbs",
     "RecordError",
     "RunDir",
     "RunSummary",

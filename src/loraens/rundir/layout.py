@@ -10,6 +10,8 @@ holdout_log_probs.safetensors  every member's log p_T on the held-out training q
                          adapters kept), with data.calibrate or optim.patience; same format
 calibration.json         temperatures fitted on them (:class:`CalibrationRecord`)
 ood/<set>.json           an OOD evaluation of the run (an experiment's ood_eval)
+ood/<set>_log_probs.safetensors  its per-question records: every member's log p_T on the OOD
+                         questions and on the in-distribution ones, labels and question ids
 members/member-XX/       each member as a PEFT adapter folder
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
@@ -38,7 +40,14 @@ from numpy.typing import ArrayLike
 
 from loraens.config import TrainConfig
 from loraens.io import write_text_atomic
-from loraens.rundir.log_probs import EvalLogProbs, read_eval_log_probs, write_eval_log_probs
+from loraens.rundir.log_probs import (
+    EvalLogProbs,
+    OODLogProbs,
+    read_eval_log_probs,
+    read_ood_log_probs,
+    write_eval_log_probs,
+    write_ood_log_probs,
+)
 from loraens.rundir.records import (
     CalibrationRecord,
     CellRecord,
@@ -59,6 +68,7 @@ FEW_SHOT_FILE = "few_shot.json"
 CELL_FILE = "cell.json"
 PROVENANCE_FILE = "provenance.json"
 OOD_DIR = "ood"
+OOD_LOG_PROBS_SUFFIX = "_log_probs.safetensors"  # inside OOD_DIR, after the set's name
 CHECKPOINT_DIR = "checkpoint"
 CHECKPOINT_STATE_FILE = "state.json"  # inside CHECKPOINT_DIR
 CARD_FILE = "README.md"
@@ -153,6 +163,16 @@ class RunDir:
 
     def ood_results(self) -> list[Path]:
         return sorted((self.root / OOD_DIR).glob("*.json"))
+
+    def ood_log_probs(self, ood_set: str) -> Path:
+        """The per-question records of the run's OOD evaluation on ``ood_set``."""
+        return self.root / OOD_DIR / f"{ood_set}{OOD_LOG_PROBS_SUFFIX}"
+
+    def write_ood_log_probs(self, ood_set: str, record: OODLogProbs) -> None:
+        write_ood_log_probs(self.ood_log_probs(ood_set), record)
+
+    def read_ood_log_probs(self, ood_set: str) -> OODLogProbs:
+        return read_ood_log_probs(self.ood_log_probs(ood_set))
 
     def member(self, m: int) -> Path:
         return self.root / MEMBERS_DIR / f"member-{m:02d}"

@@ -10,15 +10,22 @@ of ``predictions.jsonl``).
 Training rewrites the file after each evaluated epoch, keeping the epochs before it: an epoch
 redone after a resume replaces its own entry and drops any later one, so a resumed run ends with
 exactly the file an uninterrupted one writes.
+
+An OOD evaluation (an experiment's ``ood_eval``) keeps its per-question scores the same way in
+``ood/<set>_log_probs.safetensors`` (:class:`OODLogProbs`): the members' log-probs on the OOD
+questions and on the in-distribution questions they are told apart from, each set with its
+labels (-1 for a question without an answer) and, in the file's metadata, its question ids.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
 from loraens.io import atomic_path
@@ -92,3 +99,73 @@ def read_eval_log_probs(path: str | Path) -> EvalLogProbs:
         raise ValueError(f"{path} holds no evaluated epoch.")
     stacked = np.stack([tensors[_epoch_key(e)] for e in epochs]).astype(np.float64)
     return EvalLogProbs(epochs, stacked, tensors[_LABELS])
+
+
+# ----------------------------------------------------------------------------- OOD evaluations
+
+_OOD_SETS = ("in_distribution", "ood")
+
+
+@dataclass(frozen=True)
+class OODLogProbs:
+    """A run scored on an OOD set and on the in-distribution questions it is told apart from.
+
+    Log-probs are (M, N, K) (padded with ``-inf`` past a question's options; the two sets may
+    pad to different K), labels (N,) int64 with -1 where a question has no answer, ids the
+    questions' ids in the same order."""
+
+    in_log_probs: np.ndarray
+    in_labels: np.ndarray
+    in_ids: list[str]
+    ood_log_probs: np.ndarray
+    ood_labels: np.ndarray
+    ood_ids: list[str]
+
+    def parts(self) -> dict[str, tuple[np.ndarray, np.ndarray, list[str]]]:
+        return {
+            "in_distribution": (self.in_log_probs, self.in_labels, self.in_ids),
+            "ood": (self.ood_log_probs, self.ood_labels, self.ood_ids),
+        }
+
+
+def write_ood_log_probs(path: str | Path, record: OODLogProbs) -> None:
+    """Write ``record`` atomically (float32 log-probs, as eval_log_probs.safetensors)."""
+    tensors: dict[str, np.ndarray] = {}
+    metadata = {"format_version": FORMAT_VERSION}
+    members = {np.asarray(lp).shape[0] for lp, _, _ in record.parts().values()}
+    if len(members) != 1:
+        raise ValueError(f"both sets must come from the same members, got {sorted(members)}")
+    for name, (lp, labels, ids) in record.parts().items():
+        x = np.asarray(lp, dtype=np.float32)
+        y = np.asarray(labels, dtype=np.int64)
+        if x.ndim != 3 or x.shape[1] != len(y) or len(ids) != len(y):
+            raise ValueError(
+                f"{name}: expected (M, N, K) log-probs, N labels and N ids, got {x.shape}, "
+                f"{len(y)} labels, {len(ids)} ids"
+            )
+        tensors[name] = np.ascontiguousarray(x)
+        tensors[f"{name}_labels"] = y
+        metadata[f"{name}_ids"] = json.dumps([str(i) for i in ids])
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
+
+
+def read_ood_log_probs(path: str | Path) -> OODLogProbs:
+    """The record :func:`write_ood_log_probs` wrote, with float64 log-probs."""
+    path = Path(path)
+    tensors = _read_tensors(path)
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+        parts = [
+            (
+                tensors[name].astype(np.float64),
+                tensors[f"{name}_labels"],
+                [str(i) for i in json.loads(metadata[f"{name}_ids"])],
+            )
+            for name in _OOD_SETS
+        ]
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path} is not an OOD log-prob record: missing or bad {err}") from err
+    (in_lp, in_y, in_ids), (ood_lp, ood_y, ood_ids) = parts
+    return OODLogProbs(in_lp, in_y, in_ids, ood_lp, ood_y, ood_ids)

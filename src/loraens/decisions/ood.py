@@ -1,0 +1,123 @@
+"""OOD evaluations of a finished run of any method, kept question by question (an experiment's
+``ood_eval``).
+
+:func:`evaluate_ood_sets` loads a run once (LoRA and MC dropout through
+:func:`~loraens.rundir.load.load_run`, last-layer ensembles through
+:func:`~loraens.baselines.last_layer.load_last_layer_run`), scores the in-distribution
+questions once and each OOD set in turn. :func:`write_ood_evaluation` writes each evaluation's
+per-question records (``ood/<set>_log_probs.safetensors``) and then its JSON
+(``ood/<set>.json``, :func:`~loraens.decisions.run.ood_json`): the JSON, written last, marks
+the evaluation complete, so an interrupted run redoes only what is missing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from loraens.baselines.last_layer import load_last_layer_run
+from loraens.data.records import Question
+from loraens.decisions.run import ood_json
+from loraens.evaluation.evaluate import score_questions
+from loraens.evaluation.ood import (
+    RunOOD,
+    check_ood_sets,
+    in_distribution_questions,
+    ood_questions,
+    run_ood,
+)
+from loraens.io import write_json_atomic
+from loraens.rundir import OODLogProbs, RunDir
+from loraens.rundir.load import load_run
+
+__all__ = ["evaluate_ood_sets", "ood_record", "run_scorer", "write_ood_evaluation"]
+
+log = logging.getLogger(__name__)
+
+Scorer = Callable[[Sequence[Question]], np.ndarray]
+
+
+def run_scorer(
+    run: str | Path,
+    *,
+    device: str = "auto",
+    precision: str = "fp32",
+    batch_size: int = 32,
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> Scorer:
+    """Load ``run`` once; the function it returns gives every member's (M, N, K) log p_T on
+    a question set (MC dropout: every pass)."""
+    if RunDir(Path(run)).read_config().ensemble.method == "last_layer":
+        last = load_last_layer_run(run, device, precision, trust_remote_code=trust_remote_code)
+        return lambda questions: last.score(questions, batch_size=batch_size)
+    loaded = load_run(run, device, precision, trust_remote_code=trust_remote_code)
+    return lambda questions: score_questions(
+        loaded, questions, batch_size=batch_size, progress=progress
+    )
+
+
+def evaluate_ood_sets(
+    run: str | Path,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "fp32",
+    progress: bool = False,
+    trust_remote_code: bool = False,
+) -> Iterator[RunOOD]:
+    """The run's OOD evaluation on each task's eval split, in order: at most ``limit``
+    questions of each set and of the run's own eval split, drawn with ``seed`` (so every task
+    is told apart from the same in-distribution questions, scored once)."""
+    if not tasks:
+        return
+    in_questions = in_distribution_questions(run, limit, seed)
+    sets = [ood_questions(run, task, None, limit, seed) for task in tasks]
+    for _, questions in sets:
+        check_ood_sets(in_questions, questions)
+    score = run_scorer(
+        run,
+        device=device,
+        precision=precision,
+        batch_size=batch_size,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+    )
+    log.info("%s: scoring %d in-distribution questions", run, len(in_questions))
+    lp_in = score(in_questions)
+    for name, questions in sets:
+        log.info("%s: OOD evaluation on %s (%d questions)", run, name, len(questions))
+        yield run_ood(name, in_questions, questions, lp_in, score(questions))
+
+
+def _labels(labels: np.ndarray | None, n: int) -> np.ndarray:
+    return np.full(n, -1, dtype=np.int64) if labels is None else np.asarray(labels, np.int64)
+
+
+def ood_record(evaluated: RunOOD) -> OODLogProbs:
+    """The per-question record of an evaluation (labels -1 for a set not wholly labelled)."""
+    lp_in, lp_out = evaluated.in_log_probs, evaluated.ood_log_probs
+    if lp_in is None or lp_out is None:
+        raise ValueError(f"the evaluation on {evaluated.ood_set} carries no log-probs")
+    return OODLogProbs(
+        in_log_probs=lp_in,
+        in_labels=_labels(evaluated.in_labels, lp_in.shape[1]),
+        in_ids=list(evaluated.in_ids),
+        ood_log_probs=lp_out,
+        ood_labels=_labels(evaluated.ood_labels, lp_out.shape[1]),
+        ood_ids=list(evaluated.ood_ids),
+    )
+
+
+def write_ood_evaluation(run: str | Path, evaluated: RunOOD) -> None:
+    """``ood/<set>_log_probs.safetensors``, then ``ood/<set>.json`` (its JSON, with the "+ TS"
+    figures of a calibrated run), each atomically."""
+    folder = RunDir(Path(run))
+    folder.write_ood_log_probs(evaluated.ood_set, ood_record(evaluated))
+    write_json_atomic(folder.ood_result(evaluated.ood_set), ood_json(run, evaluated))
