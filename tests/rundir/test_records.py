@@ -18,9 +18,11 @@ SUMMARY_TEXT = """{
   "epoch_kept": 2,
   "epochs_trained": 2,
   "eval_questions": 8,
+  "matmul_weights_dtype": "torch.float32",
   "method": "lora",
   "precision": "fp32",
   "processes": 1,
+  "score_precision": "fp32",
   "table": {
     "ensemble (M=2)": {
       "accuracy": 0.5,
