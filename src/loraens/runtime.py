@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
+import sys
 from dataclasses import dataclass, replace
 
 import torch
@@ -128,3 +131,28 @@ def resolve_matmul_dtype(dtype: str, runtime: Runtime) -> torch.dtype:
     if dtype == "auto":
         return runtime.autocast_dtype or torch.float32
     return resolve_weights_dtype(dtype, runtime)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None where there is none (macOS, musl, Windows)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Hand the heap's free pages back to the OS after a scoring pass over a question set.
+
+    glibc keeps freed pages for reuse, but scoring and training ask for tensors of other sizes,
+    so each evaluation left the resident set higher for the next epoch's training: the bf16
+    demo (SmolLM2, 2-core AMX Xeon) peaked at 2.6, 3.3 and 3.5 GB in its three epochs for the
+    same passes. Once per evaluation costs one re-fault of the freed pages; trimming after
+    every optimiser step halved the training speed.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
