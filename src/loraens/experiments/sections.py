@@ -760,7 +760,7 @@ def _final(run: Run | FewShotRun) -> _Final | None:
     return None if pool is None else _Final(pool.member_log_probs, pool.labels)
 
 
-def _difference_row(
+def difference_row(
     task: str, claim: str, metric: str, a: str, b: str, seeds: Sequence[int], d: Difference
 ) -> dict:
     """One line of differences.csv: the claim A − B of ``metric`` and its interval."""
@@ -841,20 +841,20 @@ class _Reference:
         ensembles = [ensemble_log_probs(self.finals[s].member_log_probs) for s in seeds]
         for metric in VERSUS_METRICS:
             d = paired_difference([mine[s] for s in seeds], ensembles, self.labels, metric)
-            row = _difference_row(self.task, VERSUS_CLAIM, metric, name, self.name, seeds, d)
+            row = difference_row(self.task, VERSUS_CLAIM, metric, name, self.name, seeds, d)
             panel.rows.append(row)
         if own_gain:
             stacks = [members[s] for s in seeds]
             for metric in ENSEMBLE_GAIN_METRICS:
                 d = ensemble_minus_single(stacks, self.labels, metric)
                 b = "its mean single member"
-                row = _difference_row(self.task, ENSEMBLE_GAIN_CLAIM, metric, name, b, seeds, d)
+                row = difference_row(self.task, ENSEMBLE_GAIN_CLAIM, metric, name, b, seeds, d)
                 panel.rows.append(row)
             references = [self.finals[s].member_log_probs for s in seeds]
             for measure in DIVERSITY_MEASURES:
                 d = diversity_difference(stacks, references, measure)
                 b = self.name  # its members against the reference's
-                row = _difference_row(self.task, DIVERSITY_CLAIM, measure, name, b, seeds, d)
+                row = difference_row(self.task, DIVERSITY_CLAIM, measure, name, b, seeds, d)
                 panel.rows.append(row)
         panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
         panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
@@ -885,7 +885,7 @@ def _ensemble_gain_rows(ref: _Reference) -> list[dict]:
     seeds = sorted(ref.finals)
     members = [ref.finals[s].member_log_probs for s in seeds]
     return [
-        _difference_row(
+        difference_row(
             ref.task,
             ENSEMBLE_GAIN_CLAIM,
             metric,
@@ -912,7 +912,7 @@ def _calibrated_gain_rows(ref: _Reference) -> list[dict]:
     if not seeds:
         return []
     return [
-        _difference_row(
+        difference_row(
             ref.task,
             ENSEMBLE_GAIN_CLAIM,
             metric,
@@ -952,7 +952,7 @@ def _overconfidence_rows(ref: _Reference, panel: Panel) -> list[dict]:
     a = f"mean single member, epoch {distinct_values(epochs[s][1] for s in seeds)}"
     b = f"mean single member, epoch {distinct_values(epochs[s][0] for s in seeds)}"
     return [
-        _difference_row(
+        difference_row(
             ref.task,
             OVERCONFIDENCE_CLAIM,
             metric,

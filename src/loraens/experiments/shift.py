@@ -52,7 +52,7 @@ from loraens.experiments.sections import (
     ENSEMBLE_GAIN_CLAIM,
     Panel,
     SectionSpec,
-    _difference_row,
+    difference_row,
 )
 from loraens.rundir import OODLogProbs, RunDir
 from loraens.rundir.layout import CALIBRATION_FILE, OOD_LOG_PROBS_SUFFIX
@@ -371,7 +371,7 @@ def _difference_rows(task: str, shift: _ShiftSet, part: str) -> list[dict]:
                 found.append((f"auroc_{score}", auroc_difference(pairs[0], pairs[1])))
         eval_set = _eval_set(task, shift, part)
         for metric, d in found:
-            row = _difference_row(task, claim, metric, a, b, seeds, d)
+            row = difference_row(task, claim, metric, a, b, seeds, d)
             rows.append({**row, "eval_set": eval_set})
     return rows
 
