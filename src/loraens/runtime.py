@@ -145,7 +145,7 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS after a scoring pass over a question set.
+    """Hand the heap's free pages back to the OS after a run scores a question set.
 
     glibc keeps freed pages for reuse, but scoring and training ask for tensors of other sizes,
     so each evaluation left the resident set higher for the next epoch's training: the bf16

@@ -21,7 +21,7 @@ from loraens.models.scoring import (
     target_log_probs,
     target_states,
 )
-from loraens.runtime import Runtime, release_free_memory
+from loraens.runtime import Runtime
 
 # Tokens of one gradient-free pass (rows of every member in it together). Scoring the demo run
 # (5 members, 96 ARC-Easy questions of about 70 tokens) on a 2-core AVX2 EPYC in fp32 took
@@ -142,5 +142,4 @@ def score_members(
                         )
     finally:
         model.train(was_training)
-    release_free_memory()
     return out

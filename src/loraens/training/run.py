@@ -52,6 +52,7 @@ from loraens.rundir.card import write_card
 from loraens.rundir.load import refuse_remote_code
 from loraens.runtime import (
     Runtime,
+    release_free_memory,
     resolve_matmul_dtype,
     resolve_weights_dtype,
     runtime_from_config,
@@ -323,6 +324,7 @@ class _Evaluator:
             progress=self.progress,
             questions=self.dist.question_share(len(questions)),
         )
+        release_free_memory()  # once per evaluated set, not per serve request (runtime.py)
         return self.dist.gather_scores(local)
 
 
