@@ -9,9 +9,11 @@ from typing import Any, Literal, get_args
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 """Autocast dtype: 'auto' picks bf16 where the hardware supports it (fp16 on older GPUs)."""
-Scoring = Literal["letter", "answer_text"]
+Scoring = Literal["letter", "answer_text", "auto"]
 """How an option is scored: its letter after the paper's ``A: (`` cue, or its own text's
-log-likelihood after ``Question: …\nAnswer:`` (see loraens.data.prompts)."""
+log-likelihood after ``Question: …\nAnswer:`` (see loraens.data.prompts). 'auto' is not a way
+of scoring: `loraens train` replaces it by the concrete mode it chooses before training
+(loraens.training.scoring_choice), so only model.scoring of a run not yet started holds it."""
 Normalization = Literal["none", "per_token", "per_char"]
 """answer_text only: an option's log-likelihood as is, per token, or per character."""
 OptionLoss = Literal["token_nll", "option_nll"]
@@ -52,17 +54,22 @@ class ModelConfig:
     per question). answer_text: lm-evaluation-harness's ranked classification, each option is the
     log-likelihood of ' {option text}' after 'Question: {question}\nAnswer:' (the prompt lists no
     choices); p_T is the softmax over the K option scores. Small models answer far better by
-    text (SmolLM2-135M, 200 ARC-Easy questions zero-shot: 0.23 by letter, 0.52 by text)."""
+    text (SmolLM2-135M, 200 ARC-Easy questions zero-shot: 0.23 by letter, 0.52 by text).
+    auto: before a new run trains, the base model scores 48 of its training questions zero-shot
+    by letter and by text under each normalization, and the mode of lowest NLL is used (every
+    figure is printed); the run's config.yaml records that mode, so a resume and every later
+    command use it. An explicit mode far worse than the best gets a warning."""
     normalization: Normalization = "none"
     """answer_text only: an option's score is its summed token log-likelihood (none), divided by
-    its token count (per_token) or by its text's character count (per_char, lm-eval's acc_norm)."""
+    its token count (per_token) or by its text's character count (per_char, lm-eval's acc_norm).
+    model.scoring auto chooses it too."""
 
     def __post_init__(self):
         _require(self.max_length >= 16, f"model.max_length must be >= 16, got {self.max_length}")
         _require(
             self.scoring == "answer_text" or self.normalization == "none",
             f"model.normalization={self.normalization} applies to model.scoring=answer_text only "
-            f"(letter scoring reads one token per option).",
+            f"(letter scoring reads one token per option; auto chooses the normalization too).",
         )
 
 
@@ -329,9 +336,9 @@ class TrainConfig:
             "dropout masks on the adapter input; e.g. --lora.dropout 0.1).",
         )
         _require(
-            self.optim.loss == "token_nll" or self.model.scoring == "answer_text",
+            self.optim.loss == "token_nll" or self.model.scoring != "letter",
             "optim.loss=option_nll needs model.scoring=answer_text (letter scoring trains the "
-            "answer letter's full-vocabulary NLL, Eq. 3).",
+            "answer letter's full-vocabulary NLL, Eq. 3; auto trains it where it picks letter).",
         )
 
     def to_dict(self) -> dict:
@@ -359,3 +366,4 @@ class TrainConfig:
                 raise ValueError(f"Unknown keys in config section {name!r}: {sorted(bad)}")
             built[name] = section_type(**given)
         return cls(**built)
+

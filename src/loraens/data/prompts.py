@@ -199,6 +199,11 @@ def encode_questions(
     normalization: Normalization = "none",
 ) -> EncodedQuestions:
     """Every question's segment in the ``scoring`` format (see the module doc)."""
+    if scoring not in ("letter", "answer_text"):
+        raise ValueError(
+            f"scoring {scoring!r} is not a way to score: give letter or answer_text "
+            f"(auto is resolved by `loraens train` alone, which records the mode it chose)."
+        )
     if scoring == "letter" and normalization != "none":
         raise ValueError(f"normalization={normalization!r} needs scoring='answer_text'.")
     input_ids, shortened, lengths = [], 0, []

@@ -68,6 +68,7 @@ from loraens.training.checkpoint import (
 )
 from loraens.training.eta import announce_duration
 from loraens.training.optim import build_optimizer
+from loraens.training.scoring_choice import choose_scoring, keep_stored_scoring
 from loraens.training.seeds import member_seeds, rank_seed, schedule_seed
 from loraens.training.trainer import EnsembleTrainer
 
@@ -118,22 +119,31 @@ def _config_differences(old: TrainConfig, new: TrainConfig) -> list[str]:
     return differences
 
 
-def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> None:
-    """Write the config of a new run, or check a rerun matches the run it continues."""
+def _prepare_run_dir(run: RunDir, cfg: TrainConfig) -> TrainConfig | None:
+    """Check a rerun matches the run it continues and return the config to continue with (the
+    run's own scoring mode in place of auto); None for a new run, whose config is written once
+    its scoring mode is chosen (:func:`_choose_scoring`)."""
     if run.config.exists():
-        differences = _config_differences(run.read_config(), cfg)
+        stored = run.read_config()
+        cfg = keep_stored_scoring(cfg, stored)
+        differences = _config_differences(stored, cfg)
         if differences:
             raise ValueError(
                 f"{run.root} holds a run with a different configuration ("
                 + "; ".join(differences)
                 + "). Continue it with --resume, or choose another --out."
             )
-        return
+        if cfg.model.scoring == "auto":  # loraens writes the chosen mode, never auto
+            raise ValueError(
+                f"{run.config} says model.scoring: auto, which no run is trained with; set it "
+                f"to the mode {run.root} was trained with (letter or answer_text)."
+            )
+        return cfg
     if run.root.exists() and any(run.root.iterdir()):
         raise FileExistsError(
             f"{run.root} exists, is not empty and is not a loraens run; choose another --out."
         )
-    run.write_config(cfg)
+    return None
 
 
 def resume_config(run_dir: str | Path, *, trust_remote_code: bool = False) -> TrainConfig:
@@ -196,15 +206,16 @@ def train_ensemble(cfg: TrainConfig, out_dir: str | Path) -> TrainResult:
     trained = cfg.ensemble.trained_adapters
     with launch(cfg.runtime.device, trained, cfg.runtime.dist_timeout) as dist:
 
-        def prepare() -> RunSummary | None:
-            _prepare_run_dir(run, cfg)
-            return run.read_summary() if run.summary.exists() else None
+        def prepare() -> tuple[TrainConfig | None, RunSummary | None]:
+            continued = _prepare_run_dir(run, cfg)
+            return continued, run.read_summary() if run.summary.exists() else None
 
-        summary = dist.on_main(prepare)
+        continued, summary = dist.on_main(prepare)
         if summary is not None:
             log.info("%s is already complete.", run.root)
             return TrainResult(run, summary.table, summary, dist.rank)
-        setup, extra = _set_up(cfg, run, dist)
+        new = continued is None
+        setup, extra = _set_up(cfg if continued is None else continued, run, dist, new)
         with setup.tracker:
             if cfg.ensemble.method == "last_layer":
                 return _train_last_layer(setup)
@@ -255,12 +266,36 @@ def _encode_all(
     return encoded
 
 
-def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist) -> tuple[_Setup, _ExtraSets]:
+def _choose_scoring(
+    cfg: TrainConfig,
+    run: RunDir,
+    dist: Dist,
+    runtime: Runtime,
+    base: BaseModel,
+    train_qs: list[Question],
+) -> TrainConfig:
+    """A new run's scoring mode, from zero-shot evidence on its training questions (auto), or
+    checked against the others (an explicit mode); then its config, with that mode, written.
+    Rank 0 alone scores; every rank gets its choice."""
+
+    def choose() -> TrainConfig:
+        score_runtime = scoring_runtime(runtime, cfg.runtime.score_precision)
+        chosen = choose_scoring(cfg, base.model, base.tokenizer, train_qs, score_runtime)
+        run.write_config(chosen)
+        return chosen
+
+    return dist.on_main(choose)
+
+
+def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist, new: bool) -> tuple[_Setup, _ExtraSets]:
     started = time.perf_counter()
-    # Before the model loads, so a logger whose package is missing fails at once.
-    tracker = open_tracker(cfg, run, enabled=dist.is_main)
     runtime, (weights_dtype, matmul_dtype), base = _load_model(cfg, dist)
     train_qs, eval_qs = load_run_data(cfg.data)
+    if new:  # a resumed run keeps the mode in its config.yaml: it never chooses again
+        cfg = _choose_scoring(cfg, run, dist, runtime, base, train_qs)
+    # After config.yaml: the tracker logs the chosen mode, and a new run directory's first file
+    # must be its config. (A logger whose package is missing thus fails after the model loads.)
+    tracker = open_tracker(cfg, run, enabled=dist.is_main)
     holdout_qs: list[Question] = []
     if cfg.optim.patience is not None or cfg.data.calibrate:
         train_qs, holdout_qs = split_holdout(
