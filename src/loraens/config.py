@@ -367,3 +367,61 @@ class TrainConfig:
             built[name] = section_type(**given)
         return cls(**built)
 
+
+# The one list of posterior methods fitted on a finished run (loraens.posteriors).
+POSTERIOR_METHODS: dict[str, str] = {
+    "laplace": (
+        "Laplace-LoRA: a K-FAC Laplace approximation around every member's trained adapter "
+        "(M = 1: Laplace-LoRA; M > 1: a mixture of Laplace approximations)."
+    ),
+    "tfb": (
+        "training-free Bayesianisation: isotropic noise in each adapter's B column space, its "
+        "scale the largest that keeps an anchor set's predictive within a tolerance."
+    ),
+}
+PosteriorMethod = Literal["laplace", "tfb"]
+
+
+@dataclass
+class PosteriorConfig:
+    """A weight posterior fitted on a finished run's members (``loraens posterior``)."""
+
+    method: PosteriorMethod = "laplace"
+    """laplace or tfb (what each fits: loraens.config.POSTERIOR_METHODS)."""
+    predictive: Literal["linearised", "sampled"] = "linearised"
+    """laplace: the linearised model's Gaussian over the option logits (Laplace-LoRA's; K
+    backward passes per batch of questions) or the mean over weight draws (forward passes
+    only, ``samples`` times the rows). tfb always samples."""
+    link: Literal["mc", "probit"] = "mc"
+    """Linearised predictive: softmax averaged over 2000 logit draws, or the probit rule."""
+    samples: int = 10
+    """Weight draws per member of a sampled predictive (BLoB's and TFB's N = 10)."""
+    fisher: Literal["sampled", "true"] = "sampled"
+    """laplace: the Fisher's labels drawn from each member's own predictive (the true Fisher)
+    or the questions' answers (the empirical Fisher)."""
+    prior: Literal["auto", "evidence", "holdout"] = "auto"
+    """laplace: the prior precision maximising the Laplace evidence, or minimising the
+    held-out NLL (the run's held-out questions); auto: held-out when the run holds any out."""
+    kfac_rank: int = 10
+    """laplace: eigenpairs kept of a K-FAC factor wider than ``full_factor_limit``."""
+    full_factor_limit: int = 1024
+    """laplace: K-FAC factors up to this width are kept whole (SmolLM2's all are)."""
+    tolerance: float = 0.003
+    """tfb: bayesian-peft's criterion, |ΔNLL| / NLL on the anchor set per anchor question."""
+    sigma_max: float = 0.2
+    """tfb: the search's first upper bound on σ (doubled while it still meets the tolerance)."""
+    search_steps: int = 8
+    """tfb: bisection steps of the σ search."""
+    search_samples: int = 4
+    """tfb: weight draws per member while searching σ (fixed noise across the search)."""
+    anchor_file: str | None = None
+    """tfb: questions file of the anchor set (default: the run's held-out questions)."""
+    batch_size: int = 4
+    """Questions per pass with gradients (K-FAC, Jacobians): rows = members × this."""
+    seed: int = 0
+    """Seed of the Fisher's labels, the weight draws and the logit draws."""
+
+    def __post_init__(self):
+        _require(self.samples >= 1, f"posterior.samples must be >= 1, got {self.samples}")
+        _require(self.tolerance > 0, f"posterior.tolerance must be > 0, got {self.tolerance}")
+        _require(self.batch_size >= 1, "posterior.batch_size must be >= 1")

@@ -55,7 +55,7 @@ def member_slices(n_members: int, members_per_pass: int | None) -> list[slice]:
     return [slice(start, min(start + size, n_members)) for start in range(0, n_members, size)]
 
 
-def _option_logits(
+def option_logits(
     model, inputs: dict, runtime: Runtime, label_ids: torch.Tensor, options: AnswerOptions | None
 ) -> torch.Tensor:
     """(questions, K_max) logits of p_T: letter logits, or answer-text option scores."""
@@ -129,7 +129,7 @@ def score_members(
                     n_active = (members.stop - members.start) * passes
                     inputs = rows_batch(encoded, rows * n_active, 0, packed=runtime.packing)
                     with ensemble.members(members):
-                        logits = _option_logits(
+                        logits = option_logits(
                             model, inputs, runtime, label_ids[:n_labels], encoded.options
                         )
                     by_copy = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()

@@ -9,8 +9,9 @@ data or gradients, yet share one copy of the base weights and one large matmul.
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -42,6 +43,9 @@ class EnsembleLoRALinear(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.active = slice(None)
         self.enabled = True
+        # Called with (layer, A's input, A's output, B's input, B's output) when set: how a
+        # posterior reads per-token inputs and, through tensor hooks, output gradients.
+        self.probe: Callable[..., None] | None = None
 
     def reset_member(self, member: int, generator: torch.Generator) -> None:
         """PEFT's initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so ΔW starts at 0."""
@@ -59,11 +63,14 @@ class EnsembleLoRALinear(nn.Module):
         lora_B = self.lora_B[self.active]
         n_active = lora_A.shape[0]
         rows = x.reshape(n_active, -1, x.shape[-1])  # (members, rows·tokens, in)
-        low_rank = torch.bmm(self.dropout(rows), lora_A.transpose(1, 2).to(rows.dtype))
+        rows = self.dropout(rows)
+        a_out = torch.bmm(rows, lora_A.transpose(1, 2).to(rows.dtype))
         # Scaled at rank r, not at the output width (24-72x fewer elements for SmolLM2, forward
         # and backward); exact for a power-of-two alpha/r such as the paper's 32/8.
-        low_rank = low_rank * self.scaling
+        low_rank = a_out * self.scaling
         update = torch.bmm(low_rank, lora_B.transpose(1, 2).to(low_rank.dtype))
+        if self.probe is not None:
+            self.probe(self, rows, a_out, low_rank, update)
         return out + update.reshape(out.shape).to(out.dtype)
 
 
@@ -127,6 +134,44 @@ class LoRAEnsemble(nn.Module):
         finally:
             for layer, prev in zip(self.lora_layers.values(), previous, strict=True):
                 layer.active = prev
+
+    @contextmanager
+    def probed(self, probe: Callable[..., None]) -> Iterator[None]:
+        """Call ``probe(layer_name, A's input, A's output, B's input, B's output)`` from every
+        wrapped layer's forward, each tensor (active members, rows·tokens, width)."""
+        for name, layer in self.lora_layers.items():
+            layer.probe = functools.partial(probe, name)
+        try:
+            yield
+        finally:
+            for layer in self.lora_layers.values():
+                layer.probe = None
+
+    @contextmanager
+    def adapters(self, stacked: dict[str, torch.Tensor]) -> Iterator[None]:
+        """Run with other members in place of the saved ones: ``stacked`` maps every
+        ``{layer}.lora_A`` / ``.lora_B`` (as :meth:`stacked_adapters` names them) to a tensor
+        of any member count, e.g. S weight samples of each of M members as M·S members."""
+        saved = self.stacked_adapters()
+        if set(stacked) != set(saved):
+            raise ValueError("adapters must give lora_A and lora_B of every wrapped layer")
+        previous = (
+            self.n_members,
+            [(layer.lora_A, layer.lora_B) for layer in self.lora_layers.values()],
+        )
+        counts = {tensor.shape[0] for tensor in stacked.values()}
+        if len(counts) != 1:
+            raise ValueError(f"adapters disagree on the member count: {sorted(counts)}")
+        for name, layer in self.lora_layers.items():
+            layer.lora_A = nn.Parameter(stacked[f"{name}.lora_A"], requires_grad=False)
+            layer.lora_B = nn.Parameter(stacked[f"{name}.lora_B"], requires_grad=False)
+        self.n_members = counts.pop()
+        try:
+            yield
+        finally:
+            self.n_members = previous[0]
+            for layer, (lora_A, lora_B) in zip(self.lora_layers.values(), previous[1], strict=True):
+                layer.lora_A, layer.lora_B = lora_A, lora_B
 
     @contextmanager
     def adapters_disabled(self) -> Iterator[None]:
