@@ -72,7 +72,9 @@ def test_lists_expand_into_named_cells_with_their_own_tasks_and_seeds(tmp_path):
         ({"x": {"lr": 1.0}}, "cell 'x': 'lr' is not a 'section.field' key"),
         ({"x": {"tasks": ["nope"]}}, "cell 'x': tasks: unknown task(s) ['nope']"),
         ({"x": {"kind": "few_shot", "optim.lr": 1.0}}, "few_shot cells take"),
-        ({"x": {"kind": "zero_shot"}}, "kind must be 'train' or 'few_shot'"),
+        ({"x": {"kind": "zero_shot"}}, "kind must be 'train', 'few_shot' or 'posterior'"),
+        ({"x": {"kind": "posterior", "lr": 1.0}}, "posterior cells take"),
+        ({"x": {"kind": "posterior", "fit_on": "nope"}}, "fit_on 'nope' names no training cell"),
     ],
 )
 def test_mistakes_name_the_file_and_the_cell(tmp_path, cells, message):
@@ -232,3 +234,33 @@ def test_ood_eval_scores_a_finished_cell_once_with_temperature_scaling(tiny_mode
     assert [o.status for o in run_experiment(experiment, experiment.cells, out)] == ["done"]
     assert (folder / "ood" / "arcc.json").exists()
     assert (folder / "summary.json").stat().st_mtime_ns == summary
+
+
+def test_a_posterior_cell_is_fitted_on_its_source_cell_after_every_training_cell(
+    tiny_model_dir, tmp_path
+):
+    cells = {
+        # Listed first: the runner still trains its source before fitting it.
+        "laplace": {"kind": "posterior", "method": "laplace", "fit_on": "none"},
+        "none": {},
+    }
+    spec = _tiny_spec(tiny_model_dir, **cells)
+    spec["base"]["data"]["calibrate"] = True
+    spec["base"]["optim"]["holdout_fraction"] = 0.5
+    spec["ood_eval"] = {"tasks": ["arce"], "limit": 3}
+    experiment = load_experiment(_write(tmp_path, spec))
+    posterior = next(c for c in experiment.cells if c.kind == "posterior")
+    source = next(c for c in experiment.cells if c.name == "none")
+    assert posterior.config == source.config
+    outcomes = run_experiment(experiment, experiment.cells, tmp_path / "out")
+    assert [(o.cell.name, o.status) for o in outcomes] == [("none", "done"), ("laplace", "done")]
+    folder = cell_dir(tmp_path / "out", experiment, posterior)
+    assert json.loads((folder / "summary.json").read_text())["method"] == "laplace"
+    assert (folder / "ood" / "arce_log_probs.safetensors").is_file()
+    assert json.loads((folder / "cell.json").read_text())["kind"] == "posterior"
+    # Nothing of the source was trained or written again.
+    source_folder = cell_dir(tmp_path / "out", experiment, source)
+    stamp = (source_folder / "summary.json").stat().st_mtime_ns
+    again = run_experiment(experiment, experiment.cells, tmp_path / "out")
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert (source_folder / "summary.json").stat().st_mtime_ns == stamp

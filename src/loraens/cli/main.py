@@ -21,9 +21,9 @@ from loraens.config import (
     ModelConfig,
     Normalization,
     OptimConfig,
+    PosteriorConfig,
     Precision,
     RuntimeConfig,
-    Scoring,
     TrainConfig,
 )
 
@@ -97,11 +97,11 @@ def evaluate(
     from loraens.evaluation.evaluate import questions_for
     from loraens.evaluation.tables import format_table
     from loraens.io import write_jsonl_atomic
-    from loraens.rundir.load import load_run
+    from loraens.posteriors.load import load_scorer
 
     questions = questions_for(task, file, require_answer=True)
     rows, table, decided = evaluate_with_decisions(
-        load_run(run, device, precision, trust_remote_code=trust_remote_code),
+        load_scorer(run, device, precision, trust_remote_code=trust_remote_code),
         read_decisions(run),
         questions,
         batch_size=batch_size,
@@ -155,11 +155,11 @@ def predict(
     """
     from loraens.decisions.run import predict_with_decisions, read_decisions
     from loraens.evaluation.evaluate import questions_for
-    from loraens.rundir.load import load_run
+    from loraens.posteriors.load import load_scorer
 
     questions = questions_for(None, file, require_answer=False)
     rows, summary = predict_with_decisions(
-        load_run(run, device, precision, trust_remote_code=trust_remote_code),
+        load_scorer(run, device, precision, trust_remote_code=trust_remote_code),
         read_decisions(run),
         questions,
         Path(output),
@@ -229,6 +229,59 @@ def calibrate(
     print(f"fitted on {record.questions} questions ({record.source})")
     print(f"member temperatures: {temps}; ensemble: {record.ensemble_temperature:.3f}")
     print("held-out NLL: " + ", ".join(f"{k} {v:.4f}" for k, v in record.holdout_nll.items()))
+
+
+def posterior(
+    run: str,
+    posterior: PosteriorConfig = PosteriorConfig(),
+    out: str | None = None,
+    batch_size: int = 32,
+    device: str = "auto",
+    precision: str = "fp32",
+    trust_remote_code: bool = False,
+) -> None:
+    """Fit a weight posterior (Laplace-LoRA or TFB) on every member of a finished run.
+
+    Writes a folder that every command reads like a run (evaluate, predict, ood, serve,
+    calibrate, report): the posterior, its scores on the run's eval and held-out questions,
+    and temperatures fitted on the held-out ones. No adapter is trained or copied.
+
+    Args:
+        run: Run directory written by `loraens train` (ensemble.method lora, members kept).
+        posterior: The method and its options (--posterior.method laplace|tfb, ...).
+        out: Where to write it (default: RUN/posteriors/METHOD).
+        batch_size: Questions per gradient-free pass (sampled predictives).
+        device: 'auto', 'cpu' or 'cuda[:N]'.
+        precision: Fitting and scoring precision; fp32 keeps answers batch-invariant.
+        trust_remote_code: Let the model folder run its own Python code where the run's
+            config.yaml asks for it (model.trust_remote_code); the run alone cannot allow it.
+    """
+    from loraens.decisions.run import fit_posterior_with_decisions
+    from loraens.evaluation.tables import format_table
+
+    fit = fit_posterior_with_decisions(
+        run,
+        posterior,
+        out,
+        batch_size=batch_size,
+        device=device,
+        precision=precision,
+        progress=True,
+        trust_remote_code=trust_remote_code,
+    )
+    record = fit.record
+    print(format_table(fit.table))
+    print(
+        f"fit {record.fit_seconds:.1f} s on {record.fit_questions} questions, peak memory "
+        f"{record.peak_memory_gb:.2f} GB; eval {record.eval_seconds:.1f} s for "
+        f"{record.eval_questions} questions ({record.passes})"
+    )
+    if record.prior_precision:
+        chosen = ", ".join(f"{t:.3g}" for t in record.prior_precision)
+        print(f"prior precision ({record.prior_selection}): {chosen}")
+    if record.sigma:
+        print("sigma: " + ", ".join(f"{s:.4g}" for s in record.sigma))
+    print(f"written to {fit.folder}")
 
 
 def serve(
@@ -306,7 +359,7 @@ def few_shot(
     output: str | None = None,
     device: str = "auto",
     precision: Precision = "fp32",
-    scoring: Scoring = "letter",
+    scoring: Literal["letter", "answer_text"] = "letter",
     normalization: Normalization = "none",
 ) -> None:
     """The few-shot baseline: the base model with k demonstrations from the train split.
@@ -589,6 +642,7 @@ def main(argv: list[str] | None = None) -> None:
             predict,
             serve,
             calibrate,
+            posterior,
             few_shot,
             ood,
             ablate_size,

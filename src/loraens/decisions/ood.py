@@ -1,9 +1,8 @@
 """OOD evaluations of a finished run of any method, kept question by question (an experiment's
 ``ood_eval``).
 
-:func:`evaluate_ood_sets` loads a run once (LoRA and MC dropout through
-:func:`~loraens.rundir.load.load_run`, last-layer ensembles through
-:func:`~loraens.baselines.last_layer.load_last_layer_run`), scores the in-distribution
+:func:`evaluate_ood_sets` loads a run once (any method, a posterior's folder included:
+:func:`~loraens.posteriors.load.run_scorer`), scores the in-distribution
 questions once and each OOD set in turn. :func:`write_ood_evaluation` writes each evaluation's
 per-question records (``ood/<set>_log_probs.safetensors``) and then its JSON
 (``ood/<set>.json``, :func:`~loraens.decisions.run.ood_json`): the JSON, written last, marks
@@ -13,15 +12,12 @@ the evaluation complete, so an interrupted run redoes only what is missing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from loraens.baselines.last_layer import load_last_layer_run
-from loraens.data.records import Question
 from loraens.decisions.run import ood_json
-from loraens.evaluation.evaluate import score_questions
 from loraens.evaluation.ood import (
     RunOOD,
     check_ood_sets,
@@ -30,34 +26,12 @@ from loraens.evaluation.ood import (
     run_ood,
 )
 from loraens.io import write_json_atomic
+from loraens.posteriors.load import run_scorer
 from loraens.rundir import OODLogProbs, RunDir
-from loraens.rundir.load import load_run
 
-__all__ = ["evaluate_ood_sets", "ood_record", "run_scorer", "write_ood_evaluation"]
+__all__ = ["evaluate_ood_sets", "ood_record", "write_ood_evaluation"]
 
 log = logging.getLogger(__name__)
-
-Scorer = Callable[[Sequence[Question]], np.ndarray]
-
-
-def run_scorer(
-    run: str | Path,
-    *,
-    device: str = "auto",
-    precision: str = "fp32",
-    batch_size: int = 32,
-    progress: bool = False,
-    trust_remote_code: bool = False,
-) -> Scorer:
-    """Load ``run`` once; the function it returns gives every member's (M, N, K) log p_T on
-    a question set (MC dropout: every pass)."""
-    if RunDir(Path(run)).read_config().ensemble.method == "last_layer":
-        last = load_last_layer_run(run, device, precision, trust_remote_code=trust_remote_code)
-        return lambda questions: last.score(questions, batch_size=batch_size)
-    loaded = load_run(run, device, precision, trust_remote_code=trust_remote_code)
-    return lambda questions: score_questions(
-        loaded, questions, batch_size=batch_size, progress=progress
-    )
 
 
 def evaluate_ood_sets(

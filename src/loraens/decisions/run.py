@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loraens.config import PosteriorConfig
 from loraens.data.files import load_questions_file
 from loraens.data.prompts import LETTERS
 from loraens.data.records import Question
@@ -33,8 +34,10 @@ from loraens.evaluation.ood import RunOOD, evaluate_run_ood, ood_scores
 from loraens.evaluation.predictions import answer_rows
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
+from loraens.posteriors.fit import PosteriorFit, fit_posterior
+from loraens.posteriors.load import load_scorer, run_scorer
 from loraens.rundir import CalibrationRecord, RunDir
-from loraens.rundir.load import LoadedEnsemble, load_run
+from loraens.rundir.load import LoadedEnsemble
 
 __all__ = [
     "HOLDOUT_SOURCE",
@@ -45,6 +48,7 @@ __all__ = [
     "check_decisions",
     "evaluate_with_decisions",
     "fit_calibration",
+    "fit_posterior_with_decisions",
     "ood_json",
     "ood_result",
     "ood_with_temperature",
@@ -70,7 +74,7 @@ def calibrate_run(
     run = RunDir(Path(run_dir))
     if file is not None:
         questions = load_questions_file(file, require_answer=True)
-        loaded = load_run(run.root, device, precision, trust_remote_code=trust_remote_code)
+        loaded = load_scorer(run.root, device, precision, trust_remote_code=trust_remote_code)
         lp = score_questions(loaded, questions, batch_size=batch_size, progress=progress)
         labels = np.asarray([q.answer for q in questions])
         write_calibration(run, 0, lp, labels, source=str(file))
@@ -89,6 +93,28 @@ def calibrate_run(
     record = run.read_calibration()
     assert record is not None
     return record
+
+
+def fit_posterior_with_decisions(
+    run_dir: str | Path, cfg: PosteriorConfig, out: str | Path | None = None, **options
+) -> PosteriorFit:
+    """:func:`~loraens.posteriors.fit.fit_posterior` (``options`` are its keywords), then, when
+    it scored held-out questions, temperatures fitted on them and "+ TS" rows in its summary."""
+    fit = fit_posterior(run_dir, cfg, out, **options)
+    run = RunDir(fit.folder)
+    if not run.holdout_log_probs.is_file():
+        return fit
+    held = run.read_holdout_log_probs()
+    temps, record = fit_calibration(
+        held.member_log_probs[-1], np.asarray(held.labels), HOLDOUT_SOURCE
+    )
+    run.write_calibration(record)
+    scored = run.read_eval_log_probs()
+    fit.table |= temperature_table(scored.member_log_probs[-1], scored.labels, temps)
+    summary = run.read_summary()
+    summary.table = fit.table
+    run.write_summary(summary)
+    return fit
 
 
 def evaluate_with_decisions(
@@ -257,18 +283,15 @@ def ood_result(
     """:func:`~loraens.evaluation.ood.evaluate_run_ood`'s figures (the ``ood`` command's JSON),
     with, for a calibrated run, "single + TS" / "ensemble + TS" rows in its "ood" table and an
     "ensemble + TS" entry in its "auroc"; "ood_set" names the OOD set."""
-    evaluated = evaluate_run_ood(
+    score = run_scorer(
         run,
-        ood_task,
-        ood_file,
-        limit=limit,
-        seed=seed,
-        batch_size=batch_size,
         device=device,
         precision=precision,
+        batch_size=batch_size,
         progress=progress,
         trust_remote_code=trust_remote_code,
     )
+    evaluated = evaluate_run_ood(run, ood_task, ood_file, score, limit=limit, seed=seed)
     return ood_json(run, evaluated)
 
 

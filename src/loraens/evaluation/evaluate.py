@@ -38,12 +38,16 @@ def score_questions(
     label_ids = torch.tensor(
         scoring_label_ids(tokenizer, n_letters, model.scoring), dtype=torch.long
     )
+    encoded = encode_questions(
+        tokenizer, list(questions), loaded.max_length, model.scoring, model.normalization
+    )
+    label_ids = label_ids.to(loaded.runtime.device)
+    if loaded.predictive is not None:
+        return loaded.predictive(encoded, label_ids, batch_size=batch_size, progress=progress)
     return score_members(
         loaded.ensemble,
-        encode_questions(
-            tokenizer, list(questions), loaded.max_length, model.scoring, model.normalization
-        ),
-        label_ids.to(loaded.runtime.device),
+        encoded,
+        label_ids,
         loaded.runtime,
         batch_size=batch_size,
         members_per_pass=members_per_pass,

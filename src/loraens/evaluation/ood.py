@@ -13,7 +13,7 @@ Two things are measured on an OOD question set, for a model fine-tuned on anothe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +32,7 @@ from loraens.evaluation.metrics import (
 )
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.rundir import RunDir
-from loraens.rundir.load import LoadedEnsemble, load_run
+from loraens.rundir.load import LoadedEnsemble
 
 # Train task -> the task whose eval split is its OOD test set (§5.1).
 OOD_PAIRS: dict[str, str] = {"cqa": "mmlu", "mmlu-ss": "mmlu-not-ss", "mmlu-stem": "mmlu-not-stem"}
@@ -245,28 +245,23 @@ def run_ood(
 
 def evaluate_run_ood(
     run: str | Path,
-    ood_task: str | None = None,
-    ood_file: str | None = None,
+    ood_task: str | None,
+    ood_file: str | None,
+    score: Callable[[Sequence[Question]], np.ndarray],
     *,
     limit: int | None = None,
     seed: int = 0,
-    batch_size: int = 32,
-    device: str = "auto",
-    precision: str = "fp32",
-    progress: bool = False,
-    trust_remote_code: bool = False,
 ) -> RunOOD:
-    """OOD evaluation of a trained run against its own eval split (the ``ood`` command).
+    """OOD evaluation of a trained run against its own eval split (the ``ood`` command), each
+    set scored by ``score`` (every member's (M, N, K) log p_T).
 
     The OOD set is ``ood_task``'s eval split or the questions of ``ood_file``; with neither, the
     paper's partner of the run's task (:func:`ood_partner`). ``limit`` scores a random subset of
-    at most that many questions from each set, drawn with ``seed``. ``trust_remote_code``: as
-    :func:`~loraens.rundir.load.load_run`'s.
+    at most that many questions from each set, drawn with ``seed``.
     """
     name, ood = ood_questions(run, ood_task, ood_file, limit, seed)
     in_questions = in_distribution_questions(run, limit, seed)
     check_ood_sets(in_questions, ood)
-    loaded = load_run(run, device, precision, trust_remote_code=trust_remote_code)
-    lp_in = score_questions(loaded, in_questions, batch_size=batch_size, progress=progress)
-    lp_out = score_questions(loaded, ood, batch_size=batch_size, progress=progress)
+    lp_in = score(in_questions)
+    lp_out = score(ood)
     return run_ood(name, in_questions, ood, lp_in, lp_out)

@@ -5,7 +5,10 @@ few_shot.json for few-shot), so a rerun skips it; an interrupted training cell c
 its last checkpoint (see loraens.training.run). A failing cell does not stop the others: the
 failures are listed at the end and the command exits non-zero.
 
-A training cell is then scored on the experiment's ``ood_eval`` sets
+A posterior cell (``kind: posterior``) is fitted on its source training cell's members, after
+every training cell, and written as a run of its own (:mod:`loraens.posteriors`).
+
+A training or posterior cell is then scored on the experiment's ``ood_eval`` sets
 (:mod:`loraens.decisions.ood`): ``ood/<set>_log_probs.safetensors`` and ``ood/<set>.json`` per
 set; a set lacking either is scored again on a rerun, without retraining.
 """
@@ -17,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraens.experiments.spec import Cell, Experiment
+from loraens.experiments.spec import Cell, Experiment, source_key
 from loraens.rundir import CellRecord, RunDir
 
 log = logging.getLogger(__name__)
@@ -95,6 +98,28 @@ def _run_few_shot(cell: Cell, folder: Path) -> None:
     run.write_few_shot(scores.result)  # last: marks the cell complete
 
 
+def _run_posterior(experiment: Experiment, cell: Cell, root: Path, folder: Path) -> None:
+    """Fit the cell's posterior on its source cell's members (finished first: the runner
+    orders posterior cells last)."""
+    from loraens.decisions.run import fit_posterior_with_decisions
+
+    assert cell.posterior is not None
+    source = root / experiment.name / source_key(cell)
+    if not RunDir(source).summary.exists():
+        raise ValueError(
+            f"{cell.key} is fitted on {source_key(cell)}, which has not finished: run it first."
+        )
+    runtime = cell.config.runtime
+    fit_posterior_with_decisions(
+        source,
+        cell.posterior,
+        folder,
+        device=runtime.device,
+        precision=runtime.precision,
+        trust_remote_code=cell.config.model.trust_remote_code,
+    )
+
+
 def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
     """Score a finished training cell (LoRA, MC dropout or last-layer) on the experiment's
     ood_eval sets not yet done: per-question records, then the JSON with the "+ TS" figures
@@ -130,6 +155,8 @@ def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
 def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:
     """Run ``cells`` (a selection of the experiment's) in order; return what happened to each."""
     outcomes = []
+    # A posterior cell reads its source cell's members: every training cell runs first.
+    cells = sorted(cells, key=lambda c: c.kind == "posterior")
     for index, cell in enumerate(cells, start=1):
         folder = cell_dir(root, experiment, cell)
         label = f"[{index}/{len(cells)}] {cell.key}"
@@ -145,6 +172,9 @@ def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> lis
         try:
             if cell.kind == "few_shot":
                 _run_few_shot(cell, folder)
+            elif cell.kind == "posterior":
+                _run_posterior(experiment, cell, root, folder)
+                _run_ood_eval(experiment, cell, folder)
             else:
                 _run_training(cell, folder)
                 _run_ood_eval(experiment, cell, folder)

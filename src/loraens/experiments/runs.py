@@ -28,7 +28,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from loraens.config import OptimConfig, TrainConfig
+from loraens.config import POSTERIOR_METHODS, OptimConfig, TrainConfig
 from loraens.rundir import (
     CellRecord,
     EvalLogProbs,
@@ -37,7 +37,13 @@ from loraens.rundir import (
     RunSummary,
     read_jsonl,
 )
-from loraens.rundir.layout import CONFIG_FILE, FEW_SHOT_FILE, RUN_MARKERS, SUMMARY_FILE
+from loraens.rundir.layout import (
+    CONFIG_FILE,
+    FEW_SHOT_FILE,
+    POSTERIORS_DIR,
+    RUN_MARKERS,
+    SUMMARY_FILE,
+)
 
 __all__ = [
     "RANDOMNESS_ORDER",
@@ -105,7 +111,8 @@ class Run:
 
     @property
     def method(self) -> str:
-        return self.config.ensemble.method
+        """ensemble.method, or the posterior method of a posterior's folder (its summary)."""
+        return self.summary.method or self.config.ensemble.method
 
     @property
     def members(self) -> int:
@@ -162,6 +169,8 @@ class Run:
             base = f"MC dropout {_num(self.dropout)}"
         elif self.method == "last_layer":
             base = "last-layer ens."
+        elif self.method in POSTERIOR_METHODS:
+            base = self.method
         elif self.dropout > 0:
             base = f"LoRA ens. + dropout {_num(self.dropout)}"
         else:
@@ -417,7 +426,13 @@ class RunSet:
 def _candidate_dirs(root: Path) -> Iterable[Path]:
     if any((root / name).is_file() for name in RUN_MARKERS):
         yield root
-        return  # a run's own subfolders (members/, checkpoint/) are never runs
+        # A run's own subfolders (members/, checkpoint/) are never runs; the posteriors
+        # `loraens posterior` fits on it (posteriors/<method>) are.
+        fitted = root / POSTERIORS_DIR
+        if fitted.is_dir():
+            for child in sorted(p for p in fitted.iterdir() if p.is_dir()):
+                yield from _candidate_dirs(child)
+        return
     # Hidden folders hold atomic-write temporaries or tool state, never runs.
     children = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     for child in children:

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from loraens.config import POSTERIOR_METHODS
 from loraens.decisions.stored import temperatures_of
 from loraens.decisions.temperature import Temperatures
 from loraens.evaluation.intervals import (
@@ -121,11 +122,14 @@ def _reference_models(
     return models
 
 
-def _names(members: int) -> dict[str, str]:
-    ensemble = f"LoRA ens. (M={members})"
+def _names(members: int, method: str = "") -> dict[str, str]:
+    """The four models of a run of LoRA members (``method`` ""), or of a posterior over them
+    (its single members are that method with M = 1: Laplace-LoRA, TFB)."""
+    ensemble = f"{method or 'LoRA'} ens. (M={members})"
+    single = f"{method} (M=1)" if method else "mean single member"
     return {
-        "single": "mean single member",
-        "single + TS": "mean single member + TS",
+        "single": single,
+        "single + TS": f"{single} + TS",
         "ensemble": ensemble,
         "ensemble + TS": f"{ensemble} + TS",
     }
@@ -207,11 +211,18 @@ def _shift_set(ref: Setting, others: list[Setting], ood_set: str, panel: Panel) 
     seeds = set(shift.models[shift.names["ensemble"]])
     for setting in others:
         name = f"{setting.first.label} (M={setting.first.members})"
+        posterior = setting.first.method in POSTERIOR_METHODS
+        if posterior:
+            name = _names(setting.first.members, setting.first.method)["ensemble"]
         for run in setting.runs:
             record = _record(run, ood_set) if run.seed in seeds else None
             if record is None or run.seed in shift.models.get(name, {}):
                 continue
-            if shift.same_questions(record):
+            if shift.same_questions(record) and posterior:
+                members = record.in_log_probs.shape[0]
+                models = _names(members, run.method)
+                shift.add(run.seed, _reference_models(record, _temperatures(run, members), models))
+            elif shift.same_questions(record):
                 shift.add(run.seed, {name: _ensemble(record)})
             else:
                 panel.notes.append(
@@ -228,6 +239,7 @@ def _shift_sets(rs: RunSet, task: str, panel: Panel) -> list[_ShiftSet]:
         return []
     others = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
+    others += rs.variants(task, lambda r: r.method in POSTERIOR_METHODS, ref)
     names = sorted({name for run in ref.runs for name in _record_sets(run)})
     sets = [s for name in names if (s := _shift_set(ref, others, name, panel)) is not None]
     if not sets:
@@ -351,6 +363,10 @@ def _claims(shift: _ShiftSet) -> list[tuple[str, str, str]]:
         (TS_CLAIM, n["ensemble + TS"], n["ensemble"]),
     ]
     claims += [(METHOD_CLAIM, n["ensemble"], m) for m in shift.models if m not in n.values()]
+    for method in POSTERIOR_METHODS:  # a mixture of posteriors against one of them
+        single = _names(0, method)["single"]
+        for ens in (m for m in shift.models if m.startswith(f"{method} ens. (M=")):
+            claims.append((ENSEMBLE_GAIN_CLAIM, ens, single + (" + TS" if "+ TS" in ens else "")))
     return [(c, a, b) for c, a, b in claims if a in shift.models and b in shift.models]
 
 

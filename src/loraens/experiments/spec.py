@@ -18,29 +18,34 @@ cells:
   b_decay: {optim.weight_decay: 5.0, optim.decay_target: B}
   randomness-init_only: {ensemble.vary_data_order: false, tasks: [cqa]}
   few_shot: {kind: few_shot, k: 3, draws: 3}
+  laplace: {kind: posterior, method: laplace, fit_on: none}   # no adapter trained again
 ```
 
 A cell's keys are dotted TrainConfig fields, plus ``tasks`` / ``seeds`` (restrict or replace
 the experiment's) and ``kind`` (``train``, the default, or ``few_shot`` with ``k``, ``draws``
-and ``max_length``). Lists expand to one cell per combination.
+and ``max_length``, or ``posterior`` with ``fit_on``, the training cell whose members it is
+fitted on, and :class:`~loraens.config.PosteriorConfig` fields). Lists expand to one cell per
+combination.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from loraens.config import TrainConfig
+from loraens.config import PosteriorConfig, TrainConfig
 from loraens.data.tasks import TASKS
 from loraens.evaluation.ood import OOD_PAIRS
 
 _FEW_SHOT_KEYS = {"k", "draws", "max_length"}
+_POSTERIOR_KEYS = {f.name for f in fields(PosteriorConfig)} | {"fit_on"}
 _TOP_KEYS = {"name", "description", "base", "tasks", "seeds", "ood", "ood_eval", "cells"}
 
 
@@ -54,6 +59,10 @@ class Cell:
     kind: str
     config: TrainConfig
     few_shot: dict[str, int] = field(default_factory=dict)
+    posterior: PosteriorConfig | None = None
+    """A posterior cell's method and options; ``config`` is then its source cell's."""
+    fitted_on: str = ""
+    """A posterior cell's source: the training cell (same task and seed) it is fitted on."""
 
     @property
     def key(self) -> str:
@@ -166,8 +175,10 @@ def _cells_of(path: Path, name: str, settings: dict, spec: dict, ood: dict[str, 
     tasks = _check_tasks(path, f"{where}: tasks", settings.pop("tasks", spec["tasks"]))
     seeds = settings.pop("seeds", spec["seeds"])
     kind = settings.pop("kind", "train")
-    if kind not in ("train", "few_shot"):
-        raise _fail(path, where, f"kind must be 'train' or 'few_shot', got {kind!r}")
+    if kind not in ("train", "few_shot", "posterior"):
+        raise _fail(path, where, f"kind must be 'train', 'few_shot' or 'posterior', got {kind!r}")
+    if kind == "posterior":
+        return _posterior_cells(path, name, settings, tasks, seeds)
     cells = []
     for suffix, overrides in _expand(settings):
         for task, seed in itertools.product(tasks, seeds):
@@ -189,6 +200,65 @@ def _cells_of(path: Path, name: str, settings: dict, spec: dict, ood: dict[str, 
                 raise _fail(path, where, str(err)) from None
             cells.append(Cell(task, name + suffix, int(seed), kind, config, few_shot))
     return cells
+
+
+def _posterior_cells(
+    path: Path, name: str, settings: dict, tasks: list[str], seeds: list
+) -> list[Cell]:
+    """Posterior cells, each still without its source's config (see :func:`_attach_sources`)."""
+    where = f"cell {name!r}"
+    unknown = set(settings) - _POSTERIOR_KEYS
+    if unknown:
+        raise _fail(
+            path, where, f"posterior cells take {sorted(_POSTERIOR_KEYS)}, not {sorted(unknown)}"
+        )
+    cells = []
+    for suffix, values in _expand(settings):
+        values = dict(values)
+        fitted_on = str(values.pop("fit_on", "none"))
+        try:
+            posterior = PosteriorConfig(**values)
+        except (ValueError, TypeError) as err:
+            raise _fail(path, where, str(err)) from None
+        for task, seed in itertools.product(tasks, seeds):
+            placeholder = TrainConfig()
+            cells.append(
+                Cell(
+                    task,
+                    name + suffix,
+                    int(seed),
+                    "posterior",
+                    placeholder,
+                    {},
+                    posterior,
+                    fitted_on,
+                )
+            )
+    return cells
+
+
+def _attach_sources(path: Path, cells: list[Cell]) -> list[Cell]:
+    """Give each posterior cell its source cell's config (the run it is fitted on)."""
+    by_key = {c.key: c for c in cells if c.kind == "train"}
+    attached = []
+    for cell in cells:
+        if cell.kind == "posterior":
+            source = by_key.get(source_key(cell))
+            if source is None:
+                raise _fail(
+                    path,
+                    f"cell {cell.name!r}",
+                    f"fit_on {cell.fitted_on!r} names no training cell of task {cell.task} "
+                    f"and seed {cell.seed}",
+                )
+            cell = dataclasses.replace(cell, config=source.config)
+        attached.append(cell)
+    return attached
+
+
+def source_key(cell: Cell) -> str:
+    """The key of the training cell a posterior cell is fitted on."""
+    return f"{cell.task}/{cell.fitted_on}/seed-{cell.seed}"
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -215,6 +285,7 @@ def load_experiment(path: str | Path) -> Experiment:
         for name, settings in spec["cells"].items()
         for cell in _cells_of(path, str(name), settings or {}, spec, ood)
     ]
+    cells = _attach_sources(path, cells)
     duplicates = {c.key for c in cells if sum(d.key == c.key for d in cells) > 1}
     if duplicates:
         raise ExperimentError(f"{path}: cells with the same name: {sorted(duplicates)}")

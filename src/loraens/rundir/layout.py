@@ -13,6 +13,8 @@ ood/<set>.json           an OOD evaluation of the run (an experiment's ood_eval)
 ood/<set>_log_probs.safetensors  its per-question records: every member's log p_T on the OOD
                          questions and on the in-distribution ones, labels and question ids
 members/member-XX/       each member as a PEFT adapter folder
+posteriors/<method>/     a posterior fitted on the members (`loraens posterior`), itself read as
+                         a run: these records plus posterior.json (loraens.posteriors.state)
 checkpoint/state.json    the epoch count and metric rows so far (with the checkpoint's tensors)
 summary.json             final single-vs-ensemble table, timings, throughput (:class:`RunSummary`)
 few_shot.json            a few-shot cell's result, in place of summary.json (:class:`FewShotResult`)
@@ -76,6 +78,7 @@ TRACKING_STATE_FILE = "tracking.json"
 TENSORBOARD_DIR = "tensorboard"
 MLFLOW_DIR = "mlruns"
 MEMBERS_DIR = "members"
+POSTERIORS_DIR = "posteriors"  # `loraens posterior` writes <run>/posteriors/<method>
 EXPORT_MANIFEST_FILE = "ensemble.json"
 # PEFT's name for the adapter it saves at a folder's root.
 PEFT_DEFAULT_ADAPTER = "default"

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
+import numpy as np
 import torch
 
 from loraens.config import ModelConfig
+from loraens.data.prompts import EncodedQuestions
 from loraens.models.loading import (
     BaseModel,
     cast_parameters,
@@ -23,6 +26,19 @@ from loraens.models.lora import LoRAEnsemble
 from loraens.models.peft_io import AdapterError, adapter_shape, load_members
 from loraens.rundir.layout import RunDir
 from loraens.runtime import Runtime, resolve_runtime
+
+
+class Predictive(Protocol):
+    """Every member's (M, N, K) log p_T on encoded questions, by a method's own predictive."""
+
+    def __call__(
+        self,
+        encoded: EncodedQuestions,
+        label_ids: torch.Tensor,
+        *,
+        batch_size: int,
+        progress: bool,
+    ) -> np.ndarray: ...
 
 
 class RemoteCodeError(ValueError):
@@ -51,6 +67,9 @@ class LoadedEnsemble:
     max_length: int
     mc_dropout_passes: int = 1
     model_config: ModelConfig | None = None  # how questions are prompted and scored
+    predictive: Predictive | None = None
+    """A posterior's own predictive (loraens.posteriors), used instead of the members' plain
+    stacked pass by every command that scores the run."""
 
 
 def _trained_dtype(run: RunDir, field: str) -> torch.dtype:

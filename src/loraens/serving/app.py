@@ -16,9 +16,10 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from loraens.data.prompts import PromptTooLongError
 from loraens.data.records import Question
 from loraens.decisions.run import RunDecisions, read_decisions
+from loraens.posteriors.load import load_scorer
 from loraens.provenance import library_versions
 from loraens.rundir.layout import RunDir
-from loraens.rundir.load import LoadedEnsemble, load_run
+from loraens.rundir.load import LoadedEnsemble
 from loraens.serving.batcher import Batcher, Closed, QueueFull
 from loraens.serving.memory import release_freed_memory
 from loraens.serving.predictor import Predictor, mark_correct
@@ -251,7 +252,7 @@ def run_server(
     ``trust_remote_code``: as :func:`~loraens.rundir.load.load_run`'s."""
     import uvicorn
 
-    loaded = load_run(run_dir, device, precision, trust_remote_code=trust_remote_code)
+    loaded = load_scorer(run_dir, device, precision, trust_remote_code=trust_remote_code)
     app = create_app(loaded, run_dir, settings)
     mode = "naive (no batching, members one by one)" if settings.naive else "batched"
     log.info(
