@@ -79,3 +79,31 @@ def test_a_posterior_is_only_fitted_on_lora_members(trained, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["posterior", str(bare)])
     assert "holds no saved members" in capsys.readouterr().err
+
+
+def test_the_report_sets_a_posterior_beside_its_members_with_their_costs(trained, tmp_path):
+    import csv
+
+    from loraens.experiments.report import write_report
+
+    run, _ = trained
+    main(["posterior", str(run), "--posterior.method", "laplace", "--posterior.link", "probit"])
+    folder = run / "posteriors" / "laplace"  # the default place, inside the run
+    record = read_posterior_record(folder)
+    write_report([run], tmp_path / "report")
+    with (tmp_path / "report" / "cost.csv").open() as handle:
+        rows = {r["model"]: r for r in csv.DictReader(handle)}
+    laplace = rows["laplace (M=2)"]
+    assert float(laplace["fit_seconds"]) == pytest.approx(record.fit_seconds)
+    per_question = record.eval_seconds / record.eval_questions
+    assert float(laplace["eval_seconds_per_question"]) == pytest.approx(per_question)
+    assert float(rows["laplace, one member"]["eval_seconds_per_question"]) == pytest.approx(
+        per_question / 2
+    )
+    trained_run = RunDir(run).read_summary()
+    lora = next(r for name, r in rows.items() if name.startswith("none (M="))
+    assert float(lora["eval_seconds_per_question"]) == pytest.approx(
+        trained_run.eval_seconds / trained_run.eval_questions
+    )
+    assert float(lora["peak_memory_gb"]) > 0
+    assert (tmp_path / "report" / "fig-cost.png").is_file()

@@ -28,7 +28,8 @@ from matplotlib.figure import Figure
 
 from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
-from loraens.experiments.runs import RunSet, collect_runs, provenance
+from loraens.experiments.cost import COST_SECTIONS
+from loraens.experiments.runs import Run, RunSet, collect_runs, provenance
 from loraens.experiments.sections import SECTIONS, Panel, SectionSpec
 from loraens.experiments.shift import SHIFT_SECTIONS
 from loraens.io import write_text_atomic
@@ -53,7 +54,10 @@ def _write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict]) -> None
 RUN_COLUMNS = [
     "path", "kind", "task", "cell", "seed", "method", "regulariser", "dropout", "randomness",
     "members", "epochs", "lr", "batch_size", "train_questions", "eval_questions", "ood_task",
-] + [f"{w}_{m}" for w in ("single", "ensemble") for m in METRICS]  # fmt: skip
+] + [f"{w}_{m}" for w in ("single", "ensemble") for m in METRICS] + [
+    "train_seconds", "fit_seconds", "eval_seconds_per_question", "peak_memory_gb", "device",
+    "precision",
+]  # fmt: skip
 
 EPOCH_COLUMNS = [
     "path", "task", "epoch", "split", "member", *METRICS,
@@ -86,7 +90,7 @@ def run_rows(rs: RunSet) -> list[dict]:
         }
         for which in ("single", "ensemble"):
             row |= {f"{which}_{m}": v for m, v in r.table(which).items()}
-        rows.append(row)
+        rows.append(row | cost_columns(r))
     for f in rs.few_shot:
         # Draws play the members' part, but their average is no method of the paper: only the
         # mean over draws is reported.
@@ -104,6 +108,24 @@ def run_rows(rs: RunSet) -> list[dict]:
             }
         )
     return rows
+
+
+def cost_columns(r: Run) -> dict:
+    """What a run cost, as recorded (older runs lack the scoring time and the peak memory):
+    training its members, fitting a posterior on them, scoring one question with every member,
+    and the process's peak memory; on which device and in which precision."""
+    s = r.summary
+    per_question = None
+    if s.eval_seconds is not None and s.eval_questions:
+        per_question = s.eval_seconds / s.eval_questions
+    return {
+        "train_seconds": s.train_seconds,
+        "fit_seconds": s.fit_seconds,
+        "eval_seconds_per_question": per_question,
+        "peak_memory_gb": s.peak_memory_gb,
+        "device": s.device,
+        "precision": s.precision,
+    }
 
 
 def epoch_rows(rs: RunSet) -> list[dict]:
@@ -357,7 +379,8 @@ def write_report(paths: Sequence[str | Path], out: str | Path) -> Path:
         raise ValueError(f"No finished runs found in {searched}.{ignored}")
     folder = _Folder(Path(out))
     folder.path.mkdir(parents=True, exist_ok=True)
-    sections = [_build(spec, rs, folder) for spec in (*SECTIONS, *SHIFT_SECTIONS)]
+    specs = (*SECTIONS, *SHIFT_SECTIONS, *COST_SECTIONS)
+    sections = [_build(spec, rs, folder) for spec in specs]
     _write_csv(folder.path / "runs.csv", RUN_COLUMNS, run_rows(rs))
     _write_csv(folder.path / "epochs.csv", EPOCH_COLUMNS, epoch_rows(rs))
     # A figure skipped this time must not linger from an earlier report in the same folder.

@@ -300,6 +300,9 @@ def _score_and_write(
         weights_dtype=trained.weights_dtype,
         matmul_weights_dtype=trained.matmul_weights_dtype,
         score_precision=str(loaded.runtime.autocast_dtype or "fp32"),
+        eval_seconds=record.eval_seconds,
+        peak_memory_gb=record.peak_memory_gb,
+        fit_seconds=record.fit_seconds,
     )
     run.write_summary(summary)  # written last: its presence marks the posterior complete
     return table

@@ -103,6 +103,14 @@ class RunSummary:
     loading the run rounds them the same way, so its scores match the run's own"""
     score_precision: str | None = None
     """precision of the run's own evaluation (runtime.score_precision resolved)"""
+    eval_seconds: float | None = None
+    """scoring the eval set once with every member (the last time it was scored): with
+    eval_questions, the inference cost per question of the whole ensemble"""
+    peak_memory_gb: float | None = None
+    """the process's peak memory (CPU: resident set, GPU: allocated), loading included"""
+    fit_seconds: float | None = None
+    """a posterior's fitting time on top of training its members (train_seconds: the run it
+    was fitted on)"""
 
 
 @dataclass

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ from loraens.rundir.card import write_card
 from loraens.rundir.load import refuse_remote_code
 from loraens.runtime import (
     Runtime,
+    peak_memory_gb,
     release_free_memory,
     resolve_matmul_dtype,
     resolve_weights_dtype,
@@ -346,8 +347,11 @@ class _Evaluator:
     members_per_pass: int | None
     mc_dropout_passes: int
     progress: bool
+    seconds: dict[int, float] = field(default_factory=dict)
+    """The last scoring time of each question set (keyed by the set's id)."""
 
     def __call__(self, questions: EncodedQuestions) -> np.ndarray:
+        started = time.perf_counter()
         local = score_members(
             self.ensemble,
             questions,
@@ -360,7 +364,9 @@ class _Evaluator:
             questions=self.dist.question_share(len(questions)),
         )
         release_free_memory()  # once per evaluated set, not per serve request (runtime.py)
-        return self.dist.gather_scores(local)
+        scores = self.dist.gather_scores(local)
+        self.seconds[id(questions)] = time.perf_counter() - started
+        return scores
 
 
 @dataclass
@@ -392,7 +398,8 @@ def _train_lora(s: _Setup, extra: _ExtraSets) -> TrainResult:
     if len(extra.holdout):  # calibration: the kept adapters on the held-out questions
         holdout = (fit.evaluate(extra.holdout), np.asarray(extra.holdout.labels))
     _save_members(s, fit)
-    return _finish(s, fit.state, member_log_probs, holdout)
+    eval_seconds = fit.evaluate.seconds.get(id(s.eval_set))
+    return _finish(s, fit.state, member_log_probs, holdout, eval_seconds)
 
 
 def _build(s: _Setup) -> _Fit:
@@ -590,6 +597,7 @@ def _finish(
     state: TrainState,
     member_log_probs: np.ndarray,
     holdout: tuple[np.ndarray, np.ndarray] | None = None,
+    eval_seconds: float | None = None,
 ) -> TrainResult:
     run, runtime, dist = s.run, s.runtime, s.dist
     # From the adapters actually saved (the best epoch under optim.patience, else the last).
@@ -617,6 +625,8 @@ def _finish(
             scoring_runtime(runtime, s.cfg.runtime.score_precision).autocast_dtype or "fp32"
         ),
         device=str(runtime.device),
+        eval_seconds=eval_seconds,
+        peak_memory_gb=peak_memory_gb(runtime.device),
         processes=dist.world_size,
         distributed_mode=dist.mode,
     )
