@@ -108,9 +108,15 @@ ENSEMBLE_METHODS: dict[str, str] = {
         "answer text the training options' tokens) fine-tuned alone (untied from the input "
         "embeddings), the base model otherwise frozen (baseline, Table 1)."
     ),
+    "blob": (
+        "BLoB (Wang et al. 2024): each of M members a variational LoRA adapter, A Gaussian "
+        "with a learned elementwise scale, trained by backpropagation on the NLL plus a KL to "
+        "a Gaussian prior; scored by the mean over blob.eval_samples weight draws (M = 1: "
+        "BLoB; M > 1: a BLoB ensemble)."
+    ),
 }
 # The same names as a type, for the CLI's choices and YAML validation (a test keeps them equal).
-EnsembleMethod = Literal["lora", "mc_dropout", "last_layer"]
+EnsembleMethod = Literal["lora", "mc_dropout", "last_layer", "blob"]
 
 
 @dataclass
@@ -141,6 +147,29 @@ class EnsembleConfig:
     def passes_per_adapter(self) -> int:
         """Scoring passes per trained member: M stochastic passes for MC dropout, else one."""
         return self.members // self.trained_adapters
+
+
+@dataclass
+class BlobConfig:
+    """BLoB's variational adapters (ensemble.method blob); defaults are the paper's."""
+
+    eps: float = 0.05
+    """ε: the scale parameter G starts uniform in [ε/√2, ε] (Ω = G² in [ε²/2, ε²])."""
+    prior_sigma: float = 0.2
+    """σ_p of the Gaussian prior N(0, σ_p²) on every entry of A."""
+    kl_lr: float = 0.02
+    """Learning rate of the KL's own SGD step, taken after each NLL step (as BLoB's code)."""
+    kl_reweighting: bool = False
+    """Weight the KL of step i of an epoch's N steps by 2^i / (2^(N+1) − 1) (Blundell et al.);
+    off: by 1 / N, so an epoch's KL adds up to one KL."""
+    eval_samples: int = 10
+    """Weight draws per member a question is scored with (BLoB's N = 10): M · N rows of one
+    stacked pass. The mean weights alone are scored too (the report's "mean weights")."""
+
+    def __post_init__(self):
+        _require(self.eps > 0, f"blob.eps must be > 0, got {self.eps}")
+        _require(self.prior_sigma > 0, f"blob.prior_sigma must be > 0, got {self.prior_sigma}")
+        _require(self.eval_samples >= 1, "blob.eval_samples must be >= 1")
 
 
 @dataclass
@@ -328,6 +357,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    blob: BlobConfig = field(default_factory=BlobConfig)
 
     def __post_init__(self):
         _require(

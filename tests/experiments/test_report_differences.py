@@ -82,18 +82,18 @@ def _expected(a: list[np.ndarray], b: list[np.ndarray], y: np.ndarray, metric: s
     return {"per_seed": diffs[:, 0], "difference": diffs[:, 0].mean(), "low": low, "high": high}
 
 
-def _check(row: dict, expected: dict, seeds: str) -> None:
+def _check(row: dict, expected: dict, seeds: str, tol: float = 1e-9) -> None:
     per_seed = expected["per_seed"]
     assert row["seeds"] == seeds and int(row["n_seeds"]) == len(per_seed)
     for key in ("difference", "low", "high"):
-        assert float(row[key]) == pytest.approx(expected[key], abs=1e-9, nan_ok=True), (
+        assert float(row[key]) == pytest.approx(expected[key], abs=tol, nan_ok=True), (
             row["a"],
             key,
         )
-    assert float(row["seed_min"]) == pytest.approx(per_seed.min(), abs=1e-9)
-    assert float(row["seed_max"]) == pytest.approx(per_seed.max(), abs=1e-9)
+    assert float(row["seed_min"]) == pytest.approx(per_seed.min(), abs=tol)
+    assert float(row["seed_max"]) == pytest.approx(per_seed.max(), abs=tol)
     if len(per_seed) > 1:
-        assert float(row["seed_sd"]) == pytest.approx(np.std(per_seed, ddof=1), abs=1e-9)
+        assert float(row["seed_sd"]) == pytest.approx(np.std(per_seed, ddof=1), abs=tol)
     shown = expected["low"] > 0 or expected["high"] < 0
     assert row["verdict"] == ("shown" if shown else "not shown")
     assert int(row["resamples"]) == RESAMPLES
@@ -285,7 +285,9 @@ def test_every_compared_ensemble_gets_its_members_diversity_against_the_referenc
             )
             low, high = np.percentile(diffs[:, 1:].mean(axis=0), [2.5, 97.5])
             expected = {"per_seed": diffs[:, 0], "difference": diffs[:, 0].mean()}
-            _check(row, expected | {"low": low, "high": high}, " ".join(map(str, seeds)))
+            # scipy's entropy renormalises each member's float32-stored distribution (sums off
+            # by ~1e-7); the report takes them as stored: agreement to 1e-7, not 1e-9.
+            _check(row, expected | {"low": low, "high": high}, " ".join(map(str, seeds)), 1e-7)
     # Early stopping and temperature scaling have no members of their own to compare.
     assert not [
         r for r in rows if r["claim"] == DIVERSITY and ("stopped" in r["a"] or "TS" in r["a"])

@@ -10,11 +10,10 @@ import torch
 from helpers import FP32, make_questions, randomize_b, tiny_llama, tiny_tokenizer
 
 from loraens.data.prompts import encode_questions, label_token_ids
-from loraens.evaluation.inference import score_members
+from loraens.evaluation.inference import mean_over_draws, score_draws, score_members
 from loraens.models.lora import LoRAEnsemble
 from loraens.posteriors.kfac import kfac_factors
 from loraens.posteriors.laplace import LaplacePosterior, map_norms
-from loraens.posteriors.predictive import mean_over_draws, sampled_log_probs
 from loraens.posteriors.tfb import rotate, search_sigma, tfb_draws
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -41,7 +40,7 @@ def test_draws_of_every_member_in_one_pass_equal_each_draw_scored_alone(scoring)
     draws = posterior.weight_draws(
         ensemble.stacked_adapters(), samples, torch.Generator().manual_seed(0)
     )
-    stacked = sampled_log_probs(ensemble, draws, samples, encoded, label_ids, FP32)
+    stacked = score_draws(ensemble, draws, samples, encoded, label_ids, FP32)
     one_by_one = []
     for row in range(ensemble.n_members * samples):
         single = {key: tensor[row : row + 1] for key, tensor in draws.items()}
@@ -87,7 +86,7 @@ def test_tfb_with_sigma_zero_is_the_trained_member_and_keeps_the_update():
         after = rotated.adapters[f"{layer}.lora_B"] @ rotated.adapters[f"{layer}.lora_A"]
         torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-6)
     draws = tfb_draws(rotated, torch.zeros(2), 2, seed=0)
-    sampled = sampled_log_probs(ensemble, draws, 2, encoded, label_ids, FP32)
+    sampled = score_draws(ensemble, draws, 2, encoded, label_ids, FP32)
     plain = score_members(ensemble, encoded, label_ids, FP32)
     np.testing.assert_allclose(sampled, plain, rtol=1e-5, atol=1e-5)
 

@@ -15,6 +15,7 @@ from typing import Literal
 from jsonargparse import CLI, set_parsing_settings
 
 from loraens.config import (
+    BlobConfig,
     DataConfig,
     EnsembleConfig,
     LoRAConfig,
@@ -40,6 +41,7 @@ def train(
     optim: OptimConfig = OptimConfig(),
     data: DataConfig = DataConfig(),
     runtime: RuntimeConfig = RuntimeConfig(),
+    blob: BlobConfig = BlobConfig(),
 ) -> None:
     """Fine-tune a LoRA ensemble, evaluating every member and the ensemble each epoch.
 
@@ -56,7 +58,7 @@ def train(
     if resume is not None:
         cfg, out = resume_config(resume, trust_remote_code=model.trust_remote_code), resume
     else:
-        cfg = TrainConfig(model, lora, ensemble, optim, data, runtime)
+        cfg = TrainConfig(model, lora, ensemble, optim, data, runtime, blob)
     print_result(train_ensemble(cfg, out))
 
 

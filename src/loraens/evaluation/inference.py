@@ -143,3 +143,60 @@ def score_members(
     finally:
         model.train(was_training)
     return out
+
+
+def score_draws(
+    ensemble: LoRAEnsemble,
+    draws: dict[str, torch.Tensor],
+    samples: int,
+    encoded: EncodedQuestions,
+    label_ids: torch.Tensor,
+    runtime: Runtime,
+    *,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
+    """(members, questions, K) log-probs: each member's mean over its ``samples`` weight draws
+    (``draws``: A and B of members · samples members, member-major, as posteriors and BLoB
+    draw them), scored as members of one stacked pass."""
+    with ensemble.adapters(draws):
+        per_draw = score_members(
+            ensemble, encoded, label_ids, runtime, batch_size=batch_size, progress=progress
+        )
+    return mean_over_draws(per_draw, samples)
+
+
+def mean_over_draws(per_draw: np.ndarray, samples: int) -> np.ndarray:
+    """(members · S, N, K) log-probs -> (members, N, K): log of each member's mean p."""
+    grouped = per_draw.reshape(-1, samples, *per_draw.shape[1:])
+    top = grouped.max(axis=1, keepdims=True)
+    finite_top = np.where(np.isfinite(top), top, 0.0)
+    with np.errstate(divide="ignore"):
+        mean = np.log(np.exp(grouped - finite_top).mean(axis=1))
+    return mean + finite_top[:, 0]
+
+
+VARIATIONAL_DRAW_SEED = 0
+"""Seed of a variational (BLoB) run's test-time draws: every set is scored with the same."""
+
+
+def score_variational(
+    ensemble: LoRAEnsemble,
+    encoded: EncodedQuestions,
+    label_ids: torch.Tensor,
+    runtime: Runtime,
+    samples: int,
+    *,
+    first_member: int = 0,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> np.ndarray:
+    """(members, questions, K) of a variational ensemble (BLoB): each member's mean over
+    ``samples`` weight draws, member m's drawn from seed VARIATIONAL_DRAW_SEED +
+    ``first_member`` + m (its global index, whichever process holds it)."""
+    seeds = [VARIATIONAL_DRAW_SEED + first_member + m for m in range(ensemble.n_members)]
+    draws = ensemble.variational_draws(samples, seeds)
+    return score_draws(
+        ensemble, draws, samples, encoded, label_ids, runtime, batch_size=batch_size,
+        progress=progress,
+    )  # fmt: skip

@@ -30,9 +30,10 @@ def single_vs_ensemble(rows: list[dict]) -> dict[str, dict[str, float]]:
 
 
 def format_table(table: dict[str, dict[str, float]], title: str = "") -> str:
-    header = f"{'':<18}" + "".join(f"{k:>10}" for k in METRICS)
+    width = max([18, *(len(name) + 2 for name in table)])
+    header = f"{'':<{width}}" + "".join(f"{k:>10}" for k in METRICS)
     lines = [title] if title else []
     lines += [header, "-" * len(header)]
     for name, values in table.items():
-        lines.append(f"{name:<18}" + "".join(f"{values[k]:>10.4f}" for k in METRICS))
+        lines.append(f"{name:<{width}}" + "".join(f"{values[k]:>10.4f}" for k in METRICS))
     return "\n".join(lines)

@@ -169,7 +169,7 @@ class Run:
             base = f"MC dropout {_num(self.dropout)}"
         elif self.method == "last_layer":
             base = "last-layer ens."
-        elif self.method in POSTERIOR_METHODS:
+        elif self.method in POSTERIOR_METHODS or self.method == "blob":
             base = self.method
         elif self.dropout > 0:
             base = f"LoRA ens. + dropout {_num(self.dropout)}"

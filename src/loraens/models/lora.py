@@ -21,10 +21,11 @@ from transformers import PreTrainedModel
 
 def peft_member_state(stacked: dict[str, torch.Tensor], member: int) -> dict[str, torch.Tensor]:
     """One member's slice of :meth:`LoRAEnsemble.stacked_adapters`-shaped tensors, under the key
-    names PEFT uses in adapter files."""
+    names PEFT uses in adapter files (A and B: a variational member's scale is not PEFT's)."""
     return {
         f"base_model.model.{key}.weight": tensor[member].float().contiguous()
         for key, tensor in stacked.items()
+        if not key.endswith(".lora_G")
     }
 
 
@@ -46,6 +47,15 @@ class EnsembleLoRALinear(nn.Module):
         # Called with (layer, A's input, A's output, B's input, B's output) when set: how a
         # posterior reads per-token inputs and, through tensor hooks, output gradients.
         self.probe: Callable[..., None] | None = None
+        # BLoB (loraens.training.blob): A ~ N(lora_A, (lora_G²)²) elementwise, sampled in
+        # training mode only; None for a plain LoRA layer.
+        self.lora_G: nn.Parameter | None = None
+        self.blob_eps = 0.0
+
+    def make_variational(self, eps: float) -> None:
+        """Give A a learned elementwise scale Ω = G² (BLoB), G drawn in [ε/√2, ε] per member."""
+        self.lora_G = nn.Parameter(torch.zeros_like(self.lora_A))
+        self.blob_eps = eps
 
     def reset_member(self, member: int, generator: torch.Generator) -> None:
         """PEFT's initialisation: A Kaiming-uniform (a = sqrt 5), B zero, so ΔW starts at 0."""
@@ -54,6 +64,10 @@ class EnsembleLoRALinear(nn.Module):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)
             self.lora_A[member].copy_(a)
             self.lora_B[member].zero_()
+            if self.lora_G is not None:  # the same member's stream: independent of M as well
+                g = torch.empty_like(self.lora_G[member])
+                g.uniform_(self.blob_eps / math.sqrt(2), self.blob_eps, generator=generator)
+                self.lora_G[member].copy_(g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -65,6 +79,8 @@ class EnsembleLoRALinear(nn.Module):
         rows = x.reshape(n_active, -1, x.shape[-1])  # (members, rows·tokens, in)
         rows = self.dropout(rows)
         a_out = torch.bmm(rows, lora_A.transpose(1, 2).to(rows.dtype))
+        if self.lora_G is not None and self.training:
+            a_out = a_out + self._flipout_noise(rows, a_out.shape)
         # Scaled at rank r, not at the output width (24-72x fewer elements for SmolLM2, forward
         # and backward); exact for a power-of-two alpha/r such as the paper's 32/8.
         low_rank = a_out * self.scaling
@@ -72,6 +88,18 @@ class EnsembleLoRALinear(nn.Module):
         if self.probe is not None:
             self.probe(self, rows, a_out, low_rank, update)
         return out + update.reshape(out.shape).to(out.dtype)
+
+    def _flipout_noise(self, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+        """(x ⊙ s) (Ω ⊙ E)ᵀ ⊙ r: one draw E of each member's A noise per pass, decorrelated
+        across tokens by random signs s, r (flipout, as BLoB's code); every draw comes from
+        torch's global generator, which checkpoints save, so a resumed run draws the same."""
+        assert self.lora_G is not None
+        omega = self.lora_G[self.active].square()
+        noise = omega * torch.randn_like(omega)
+        sign_in = torch.empty_like(rows).bernoulli_(0.5).mul_(2).sub_(1)
+        sign_out = torch.empty(shape, dtype=rows.dtype, device=rows.device)
+        sign_out = sign_out.bernoulli_(0.5).mul_(2).sub_(1)
+        return torch.bmm(rows * sign_in, noise.transpose(1, 2).to(rows.dtype)) * sign_out
 
 
 class LoRAEnsemble(nn.Module):
@@ -115,13 +143,59 @@ class LoRAEnsemble(nn.Module):
                 layer.reset_member(member, generator)
 
     def base_parameters(self) -> list[nn.Parameter]:
-        """The frozen base model's parameters (every parameter but the members' A and B)."""
-        own = {id(p) for which in ("A", "B") for p in self.lora_parameters(which)}
+        """The frozen base model's parameters (every parameter but the members' own)."""
+        own = {id(p) for which in ("A", "B", "G") for p in self.lora_parameters(which)}
         return [p for p in self.model.parameters() if id(p) not in own]
 
     def lora_parameters(self, which: str) -> list[nn.Parameter]:
-        """The stacked ``lora_A`` or ``lora_B`` tensors of every wrapped layer."""
-        return [getattr(layer, f"lora_{which}") for layer in self.lora_layers.values()]
+        """The stacked ``lora_A``, ``lora_B`` or (BLoB) ``lora_G`` tensors of every wrapped
+        layer (no ``lora_G`` for a plain ensemble)."""
+        found = [getattr(layer, f"lora_{which}") for layer in self.lora_layers.values()]
+        return [p for p in found if p is not None]
+
+    @property
+    def variational(self) -> bool:
+        return any(layer.lora_G is not None for layer in self.lora_layers.values())
+
+    def make_variational(self, eps: float) -> None:
+        """Every member's A becomes a Gaussian (BLoB, :mod:`loraens.training.blob`)."""
+        for layer in self.lora_layers.values():
+            layer.make_variational(eps)
+
+    def variational_kl(self, prior_sigma: float) -> torch.Tensor:
+        """(members,) KL(q(A) ‖ N(0, σ_p²)) of each member over every A entry, float64."""
+        total = None
+        for layer in self.lora_layers.values():
+            assert layer.lora_G is not None, "a plain LoRA ensemble has no distribution over A"
+            sigma = layer.lora_G.double().square()
+            mean = layer.lora_A.double()
+            kl = (
+                math.log(prior_sigma)
+                - torch.log(sigma)
+                + (sigma.square() + mean.square()) / (2 * prior_sigma**2)
+                - 0.5
+            )
+            kl = kl.flatten(1).sum(1)
+            total = kl if total is None else total + kl
+        assert total is not None
+        return total
+
+    def variational_draws(self, samples: int, seeds: Sequence[int]) -> dict[str, torch.Tensor]:
+        """``samples`` weight draws A = μ + Ω ⊙ E of every member, as A and B tensors of
+        (members · samples) members, member-major (for :meth:`adapters`); member m's noise
+        comes from ``seeds[m]`` alone, so it does not depend on the other members."""
+        generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+        drawn = {}
+        for name, layer in sorted(self.lora_layers.items()):
+            assert layer.lora_G is not None
+            mean, omega = layer.lora_A.detach(), layer.lora_G.detach().square()
+            noise = torch.stack(
+                [torch.randn((samples, *mean.shape[1:]), generator=g) for g in generators]
+            )
+            a = mean[:, None] + omega[:, None] * noise.to(mean.device)
+            drawn[f"{name}.lora_A"] = a.reshape(-1, *mean.shape[1:])
+            drawn[f"{name}.lora_B"] = layer.lora_B.detach().repeat_interleave(samples, dim=0)
+        return drawn
 
     @contextmanager
     def members(self, active: slice) -> Iterator[None]:
@@ -152,9 +226,10 @@ class LoRAEnsemble(nn.Module):
         """Run with other members in place of the saved ones: ``stacked`` maps every
         ``{layer}.lora_A`` / ``.lora_B`` (as :meth:`stacked_adapters` names them) to a tensor
         of any member count, e.g. S weight samples of each of M members as M·S members."""
-        saved = self.stacked_adapters()
+        saved = {k: v for k, v in self.stacked_adapters().items() if not k.endswith(".lora_G")}
         if set(stacked) != set(saved):
             raise ValueError("adapters must give lora_A and lora_B of every wrapped layer")
+        scales = [layer.lora_G for layer in self.lora_layers.values()]
         previous = (
             self.n_members,
             [(layer.lora_A, layer.lora_B) for layer in self.lora_layers.values()],
@@ -165,11 +240,14 @@ class LoRAEnsemble(nn.Module):
         for name, layer in self.lora_layers.items():
             layer.lora_A = nn.Parameter(stacked[f"{name}.lora_A"], requires_grad=False)
             layer.lora_B = nn.Parameter(stacked[f"{name}.lora_B"], requires_grad=False)
+            layer.lora_G = None  # the given members are weights, not distributions
         self.n_members = counts.pop()
         try:
             yield
         finally:
             self.n_members = previous[0]
+            for layer, scale in zip(self.lora_layers.values(), scales, strict=True):
+                layer.lora_G = scale
             for layer, (lora_A, lora_B) in zip(self.lora_layers.values(), previous[1], strict=True):
                 layer.lora_A, layer.lora_B = lora_A, lora_B
 
@@ -197,17 +275,33 @@ class LoRAEnsemble(nn.Module):
                 layer.dropout.train(mode)
 
     def stacked_adapters(self) -> dict[str, torch.Tensor]:
-        """Every member's A and B, stacked by member, as ``{layer}.lora_A`` / ``.lora_B``
-        (detached views of the parameters)."""
+        """Every member's A and B (and a BLoB member's scale G), stacked by member, as
+        ``{layer}.lora_A`` / ``.lora_B`` / ``.lora_G`` (detached views of the parameters)."""
         return {
             f"{name}.lora_{which}": getattr(layer, f"lora_{which}").detach()
             for name, layer in self.lora_layers.items()
-            for which in ("A", "B")
+            for which in ("A", "B", "G")
+            if getattr(layer, f"lora_{which}") is not None
         }
 
     def member_state_dict(self, member: int) -> dict[str, torch.Tensor]:
         """Member ``member``'s weights under the key names PEFT uses in adapter files."""
         return peft_member_state(self.stacked_adapters(), member)
+
+    def load_member_scales(self, member: int, scales: dict[str, torch.Tensor]) -> None:
+        """A BLoB member's G of every layer (``{layer}.lora_G``, as :meth:`member_scales`)."""
+        with torch.no_grad():
+            for name, layer in self.lora_layers.items():
+                assert layer.lora_G is not None
+                layer.lora_G[member].copy_(scales[f"{name}.lora_G"])
+
+    def member_scales(self, member: int) -> dict[str, torch.Tensor]:
+        """A BLoB member's G of every layer, keyed ``{layer}.lora_G``."""
+        return {
+            key: tensor[member].float().contiguous()
+            for key, tensor in self.stacked_adapters().items()
+            if key.endswith(".lora_G")
+        }
 
     def load_member_state_dict(self, member: int, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.member_state_dict(member))

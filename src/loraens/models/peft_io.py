@@ -15,6 +15,9 @@ from loraens.models.lora import LoRAEnsemble, peft_member_state
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BLOB_SCALES = "blob_scale.safetensors"
+"""A BLoB member's scale G of A (Ω = G²) beside its adapter, which holds A's mean: PEFT loads
+the folder as the mean weights; loraens reads the scale too."""
 
 
 class AdapterError(ValueError):
@@ -34,7 +37,9 @@ def save_member(
     gathers them on rank 0) replaces the ensemble's own weights, which hold only that rank's
     members.
     """
-    state = peft_member_state(ensemble.stacked_adapters() if stacked is None else stacked, member)
+    stacked = ensemble.stacked_adapters() if stacked is None else stacked
+    state = peft_member_state(stacked, member)
+    scales = {k: v[member].float().contiguous() for k, v in stacked.items() if k.endswith("lora_G")}
     config = LoraConfig(
         r=ensemble.rank,
         lora_alpha=ensemble.alpha,  # type: ignore[arg-type]  # PEFT scales by any float alpha
@@ -47,6 +52,8 @@ def save_member(
     with atomic_path(folder) as tmp:
         config.save_pretrained(str(tmp))
         save_file(state, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
+        if scales:
+            save_file(scales, tmp / BLOB_SCALES)
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -86,3 +93,8 @@ def load_members(ensemble: LoRAEnsemble, folders: Sequence[Path]) -> None:
             ensemble.load_member_state_dict(member, load_file(weights))
         except ValueError as err:
             raise AdapterError(f"{folder}: {err}") from err
+        if ensemble.variational:
+            scales = Path(folder) / BLOB_SCALES
+            if not scales.exists():
+                raise AdapterError(f"{folder}: {BLOB_SCALES} is missing (a BLoB member's scale).")
+            ensemble.load_member_scales(member, load_file(scales))

@@ -24,14 +24,14 @@ from loraens.data.files import load_questions_file
 from loraens.data.prompts import EncodedQuestions, encode_questions, scoring_label_ids
 from loraens.data.records import Question
 from loraens.data.sources import load_run_data, split_holdout
-from loraens.evaluation.inference import score_members
+from loraens.evaluation.inference import score_draws, score_members
 from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
 from loraens.posteriors.kfac import kfac_factors
 from loraens.posteriors.laplace import LaplacePosterior, map_norms, tau_grid
 from loraens.posteriors.methods import laplace_predictive, passes_per_question, tfb_predictive
-from loraens.posteriors.predictive import linearised_log_probs, sampled_log_probs
+from loraens.posteriors.predictive import linearised_log_probs
 from loraens.posteriors.state import (
     PosteriorRecord,
     write_factors,
@@ -184,7 +184,7 @@ def _fit_tfb(
 
     def change_at(sigma: torch.Tensor) -> torch.Tensor:
         draws = tfb_draws(rotated, sigma, cfg.search_samples, cfg.seed)
-        lp = sampled_log_probs(ensemble, draws, cfg.search_samples, encoded, label_ids, runtime)
+        lp = score_draws(ensemble, draws, cfg.search_samples, encoded, label_ids, runtime)
         change = np.abs(nll_against_map(lp) - base_nll) / base_nll / len(anchor)
         log.info("tfb: sigma %s -> change %s", sigma.tolist(), change.tolist())
         return torch.as_tensor(change)

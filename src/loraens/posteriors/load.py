@@ -10,14 +10,18 @@ import numpy as np
 import torch
 
 from loraens.baselines.last_layer import load_last_layer_run
+from loraens.data.prompts import EncodedQuestions
 from loraens.data.records import Question
 from loraens.evaluation.evaluate import score_questions
+from loraens.evaluation.inference import score_variational
+from loraens.models.lora import LoRAEnsemble
 from loraens.posteriors.laplace import LaplacePosterior, map_norms
 from loraens.posteriors.methods import laplace_predictive, tfb_predictive
 from loraens.posteriors.state import is_posterior, read_factors, read_posterior_record
 from loraens.posteriors.tfb import rotate
 from loraens.rundir import RunDir
-from loraens.rundir.load import LoadedEnsemble, load_run
+from loraens.rundir.load import LoadedEnsemble, Predictive, load_run
+from loraens.runtime import Runtime
 
 Scorer = Callable[[Sequence[Question]], np.ndarray]
 
@@ -33,7 +37,11 @@ def load_scorer(
     run it was fitted on with the posterior's predictive (``LoadedEnsemble.predictive``)."""
     folder = Path(run_dir)
     if not is_posterior(folder):
-        return load_run(folder, device, precision, trust_remote_code=trust_remote_code)
+        loaded = load_run(folder, device, precision, trust_remote_code=trust_remote_code)
+        if loaded.ensemble.variational:  # BLoB: the mean over each member's weight draws
+            samples = RunDir(folder).read_config().blob.eval_samples
+            loaded.predictive = blob_predictive(loaded.ensemble, loaded.runtime, samples)
+        return loaded
     record = read_posterior_record(folder)
     source = (folder / record.source).resolve()
     loaded = load_run(source, device, precision, trust_remote_code=trust_remote_code)
@@ -56,6 +64,20 @@ def load_scorer(
         sigma = torch.tensor(record.sigma, dtype=torch.float64)
         loaded.predictive = tfb_predictive(ensemble, runtime, rotate(adapters), sigma, cfg)
     return loaded
+
+
+def blob_predictive(ensemble: LoRAEnsemble, runtime: Runtime, samples: int) -> Predictive:
+    """A BLoB run's predictive: every member's mean over ``samples`` weight draws."""
+
+    def predict(
+        encoded: EncodedQuestions, label_ids: torch.Tensor, *, batch_size: int, progress: bool
+    ) -> np.ndarray:
+        return score_variational(
+            ensemble, encoded, label_ids, runtime, samples, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+
+    return predict
 
 
 def run_scorer(

@@ -9,9 +9,10 @@ import torch
 
 from loraens.config import PosteriorConfig
 from loraens.data.prompts import EncodedQuestions
+from loraens.evaluation.inference import score_draws
 from loraens.models.lora import LoRAEnsemble
 from loraens.posteriors.laplace import LaplacePosterior
-from loraens.posteriors.predictive import linearised_log_probs, sampled_log_probs
+from loraens.posteriors.predictive import linearised_log_probs
 from loraens.posteriors.tfb import RotatedAdapters, tfb_draws
 from loraens.rundir.load import Predictive
 from loraens.runtime import Runtime
@@ -38,7 +39,7 @@ def laplace_predictive(
             )[0]
         generator = torch.Generator().manual_seed(cfg.seed)
         draws = posterior.weight_draws(ensemble.stacked_adapters(), cfg.samples, generator)
-        return sampled_log_probs(
+        return score_draws(
             ensemble,
             draws,
             cfg.samples,
@@ -65,7 +66,7 @@ def tfb_predictive(
         encoded: EncodedQuestions, label_ids: torch.Tensor, *, batch_size: int, progress: bool
     ) -> np.ndarray:
         draws = tfb_draws(rotated, sigma, cfg.samples, cfg.seed)
-        return sampled_log_probs(
+        return score_draws(
             ensemble,
             draws,
             cfg.samples,

@@ -21,7 +21,6 @@ import torch
 from tqdm.auto import tqdm
 
 from loraens.data.prompts import EncodedQuestions
-from loraens.evaluation.inference import score_members
 from loraens.models.loading import parameters_held_in
 from loraens.models.lora import LoRAEnsemble
 from loraens.posteriors.passes import GradTap, question_batches, stacked_pass
@@ -137,33 +136,3 @@ def linearised_log_probs(
         model.train(was_training)
     assert out is not None, "an empty question set has no predictive"
     return out
-
-
-def sampled_log_probs(
-    ensemble: LoRAEnsemble,
-    draws: dict[str, torch.Tensor],
-    samples: int,
-    encoded: EncodedQuestions,
-    label_ids: torch.Tensor,
-    runtime: Runtime,
-    *,
-    batch_size: int = 32,
-    progress: bool = False,
-) -> np.ndarray:
-    """(members, questions, K) log-probs: each member's mean over its ``samples`` weight draws
-    (``draws`` as :meth:`LaplacePosterior.weight_draws` orders them), one stacked pass."""
-    with ensemble.adapters(draws):
-        per_draw = score_members(
-            ensemble, encoded, label_ids, runtime, batch_size=batch_size, progress=progress
-        )
-    return mean_over_draws(per_draw, samples)
-
-
-def mean_over_draws(per_draw: np.ndarray, samples: int) -> np.ndarray:
-    """(members · S, N, K) log-probs -> (members, N, K): log of each member's mean p."""
-    grouped = per_draw.reshape(-1, samples, *per_draw.shape[1:])
-    top = grouped.max(axis=1, keepdims=True)
-    finite_top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        mean = np.log(np.exp(grouped - finite_top).mean(axis=1))
-    return mean + finite_top[:, 0]

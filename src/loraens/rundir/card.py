@@ -161,6 +161,15 @@ def _members_description(cfg: TrainConfig, method: str, m: int) -> str:
             "stochastic dropout passes averaged (MC dropout, the paper's baseline). Plain PEFT "
             "below loads it without dropout: one deterministic model, not the MC ensemble."
         )
+    if method == "blob":
+        return (
+            f"{m} BLoB adapters (rank {lora.rank}, alpha {lora.alpha:g} on "
+            f"{', '.join(lora.target_modules)}): each A is a Gaussian, its mean in the PEFT "
+            "adapter, its scale G (sd = G²) in blob_scale.safetensors beside it. loraens scores "
+            f"each member by the mean over {cfg.blob.eval_samples} weight draws. Plain PEFT "
+            "below loads the mean weights only: a deterministic model, not BLoB's predictive "
+            '(its figures are the summary\'s "mean weights" rows).'
+        )
     diversity = [
         *(["initialisation"] if ens.vary_init else []),
         *(["data order"] if ens.vary_data_order else []),

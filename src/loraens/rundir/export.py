@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 from loraens.io import atomic_path, write_json_atomic
+from loraens.models.peft_io import BLOB_SCALES
 from loraens.rundir.card import read_provenance, render_card, run_adapters
 from loraens.rundir.layout import PEFT_DEFAULT_ADAPTER, RunDir
 
@@ -56,6 +57,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
             target.mkdir(parents=True, exist_ok=True)
             for file in _ADAPTER_FILES:
                 shutil.copy2(folder / file, target / file)
+            if (folder / BLOB_SCALES).is_file():  # a BLoB member's scale, beside its mean
+                shutil.copy2(folder / BLOB_SCALES, target / BLOB_SCALES)
         for source in (run.config, run.summary, run.provenance):
             if source.is_file():
                 shutil.copy2(source, tmp / source.name)

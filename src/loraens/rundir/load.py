@@ -130,6 +130,8 @@ def load_run(
     mc_dropout = method == "mc_dropout"
     dropout = cfg.lora.dropout if mc_dropout else 0.0
     ensemble = LoRAEnsemble(base.model, len(folders), rank, alpha, dropout, targets)
+    if method == "blob":  # its scales are read too; loraens.posteriors.load scores its draws
+        ensemble.make_variational(cfg.blob.eps)
     load_members(ensemble, folders)
     ensemble.to(runtime.device).eval()
     return LoadedEnsemble(

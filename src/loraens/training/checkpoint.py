@@ -196,8 +196,10 @@ def load_checkpoint(
 def load_stacked(ensemble: LoRAEnsemble, tensors: dict[str, torch.Tensor]) -> None:
     with torch.no_grad():
         for name, layer in ensemble.lora_layers.items():
-            for which in ("A", "B"):
-                getattr(layer, f"lora_{which}").copy_(tensors[f"{name}.lora_{which}"])
+            for which in ("A", "B", "G"):
+                param = getattr(layer, f"lora_{which}")
+                if param is not None:  # G: BLoB members only
+                    param.copy_(tensors[f"{name}.lora_{which}"])
 
 
 def load_best(folder: Path) -> dict[str, torch.Tensor] | None:

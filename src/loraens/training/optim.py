@@ -22,6 +22,10 @@ def build_optimizer(ensemble: LoRAEnsemble, cfg: OptimConfig) -> torch.optim.Ada
         }
         for which in ("A", "B")
     ]
+    if ensemble.variational:  # BLoB's scales: no decay, which would only shrink the variance
+        groups.append(
+            {"params": ensemble.lora_parameters("G"), "weight_decay": 0.0, "name": "lora_G"}
+        )
     # foreach=False keeps the update order identical whatever the number of members, which the
     # stacked-vs-alone equivalence relies on; the tensors are tiny, so nothing is lost.
     return torch.optim.AdamW(groups, lr=cfg.lr, foreach=False)

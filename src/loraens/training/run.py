@@ -33,7 +33,7 @@ from loraens.data.sources import (
 from loraens.decisions.stored import HOLDOUT_SOURCE, write_calibration
 from loraens.decisions.tables import temperature_table
 from loraens.distributed import Dist, env_world_size, launch
-from loraens.evaluation.inference import score_members
+from loraens.evaluation.inference import score_members, score_variational
 from loraens.evaluation.ood import detection_rows
 from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import format_table, metric_rows, single_vs_ensemble
@@ -60,6 +60,7 @@ from loraens.runtime import (
     scoring_runtime,
 )
 from loraens.tracking import RunTracker, open_tracker, run_files
+from loraens.training.blob import KLStep
 from loraens.training.checkpoint import (
     TrainState,
     load_checkpoint,
@@ -347,11 +348,22 @@ class _Evaluator:
     members_per_pass: int | None
     mc_dropout_passes: int
     progress: bool
+    blob_samples: int | None = None  # BLoB: each member's mean over this many weight draws
     seconds: dict[int, float] = field(default_factory=dict)
     """The last scoring time of each question set (keyed by the set's id)."""
 
     def __call__(self, questions: EncodedQuestions) -> np.ndarray:
         started = time.perf_counter()
+        if self.blob_samples is not None:  # every member's draws in one pass, all questions
+            local = score_variational(
+                self.ensemble, questions, self.label_ids, self.runtime, self.blob_samples,
+                first_member=self.dist.members.start, batch_size=self.batch_size,
+                progress=self.progress,
+            )  # fmt: skip
+            release_free_memory()
+            scores = self.dist.gather_scores(local)
+            self.seconds[id(questions)] = time.perf_counter() - started
+            return scores
         local = score_members(
             self.ensemble,
             questions,
@@ -399,7 +411,16 @@ def _train_lora(s: _Setup, extra: _ExtraSets) -> TrainResult:
         holdout = (fit.evaluate(extra.holdout), np.asarray(extra.holdout.labels))
     _save_members(s, fit)
     eval_seconds = fit.evaluate.seconds.get(id(s.eval_set))
-    return _finish(s, fit.state, member_log_probs, holdout, eval_seconds)
+    rows = _mean_weight_rows(s, fit) if fit.evaluate.blob_samples is not None else {}
+    return _finish(s, fit.state, member_log_probs, holdout, eval_seconds, rows)
+
+
+def _mean_weight_rows(s: _Setup, fit: _Fit) -> dict[str, dict[str, float]]:
+    """BLoB's members scored with their mean weights alone ("N = 0"), as summary rows."""
+    mean_weights = dataclasses.replace(fit.evaluate, blob_samples=None, seconds={})
+    labels = np.asarray([q.answer for q in s.eval_qs])
+    table = single_vs_ensemble(metric_rows(mean_weights(s.eval_set), labels))
+    return {f"{name}, mean weights": row for name, row in table.items()}
 
 
 def _build(s: _Setup) -> _Fit:
@@ -410,7 +431,11 @@ def _build(s: _Setup) -> _Fit:
     lora = cfg.lora
     ensemble = LoRAEnsemble(
         s.base.model, len(mine), lora.rank, lora.alpha, lora.dropout, lora.target_modules
-    ).to(s.runtime.device)
+    )
+    blob = cfg.ensemble.method == "blob"
+    if blob:
+        ensemble.make_variational(cfg.blob.eps)
+    ensemble.to(s.runtime.device)
     # Seeds come from the global member index, so a member is the same on any number of ranks.
     init_seeds = member_seeds(cfg.ensemble.seed, n_trained, "init", cfg.ensemble.vary_init)
     ensemble.init_members(init_seeds[mine.start : mine.stop])
@@ -438,7 +463,10 @@ def _build(s: _Setup) -> _Fit:
         members_per_pass=cfg.runtime.members_per_pass,
         mc_dropout_passes=cfg.ensemble.passes_per_adapter,
         progress=progress,
+        blob_samples=cfg.blob.eval_samples if blob else None,
     )
+    if blob:
+        trainer.after_step = KLStep(ensemble, cfg.blob, trainer.steps_per_epoch())
     return _Fit(ensemble, trainer, evaluate, progress, TrainState(n_train=len(s.train_qs)))
 
 
@@ -598,6 +626,7 @@ def _finish(
     member_log_probs: np.ndarray,
     holdout: tuple[np.ndarray, np.ndarray] | None = None,
     eval_seconds: float | None = None,
+    extra_rows: dict[str, dict[str, float]] | None = None,
 ) -> TrainResult:
     run, runtime, dist = s.run, s.runtime, s.dist
     # From the adapters actually saved (the best epoch under optim.patience, else the last).
@@ -608,6 +637,7 @@ def _finish(
         # Rank 0 fits and writes them; on_main hands every rank the same temperatures.
         temps = dist.on_main(lambda: write_calibration(run, epoch_kept, *holdout, HOLDOUT_SOURCE))
         table |= temperature_table(member_log_probs, labels, temps)
+    table |= extra_rows or {}
     summary = RunSummary(
         method=s.cfg.ensemble.method,
         epochs_trained=state.epochs_done,

@@ -97,7 +97,7 @@ class EnsembleTrainer:
         self.budget_tokens = budget / per_token
         self.pad_id = pad_id
         self.dist = dist or Dist(ensemble.n_members)
-        self.params = ensemble.lora_parameters("A") + ensemble.lora_parameters("B")
+        self.params = [p for which in "ABG" for p in ensemble.lora_parameters(which)]
         self.tokens_seen = 0  # non-padding tokens, for throughput reports
         self.tokens_processed = 0  # padding included
         # (rows, row length, questions' lengths) of every pass, when a caller sets it to a list
@@ -105,6 +105,8 @@ class EnsembleTrainer:
         self.on_step: Callable[[float], None] | None = None  # gets each step's seconds
         self.kl_beta = kl_beta
         self.loss = loss
+        # BLoB: the KL's own step after each NLL step (loraens.training.blob.KLStep).
+        self.after_step: Callable[[int], object] | None = None
 
     def steps_per_epoch(self) -> int:
         return -(-len(self.train_set) // self.batch_size)
@@ -127,6 +129,8 @@ class EnsembleTrainer:
             losses += step_losses
             self._check_finite(bad, epoch, step)
             self.optimizer.step()
+            if self.after_step is not None:
+                self.after_step(step)
             if self.on_step is not None:
                 self.on_step(time.perf_counter() - tick)
         self.ensemble.model.eval()
