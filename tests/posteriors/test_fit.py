@@ -57,6 +57,10 @@ def test_a_posterior_folder_reads_like_a_run(trained, method, extra, tmp_path, c
         assert len(record.sigma) == 2 and record.sigma_search
     folder = RunDir(out)
     assert folder.calibration.is_file() and folder.summary.is_file()
+    assert "ensemble + TS" in folder.read_summary().table  # in the summary written last
+    fitted = folder.read_calibration()
+    main(["calibrate", str(out)])  # refit from the held-out records: the same temperatures
+    assert folder.read_calibration() == fitted
     stored = folder.read_eval_log_probs().member_log_probs[-1]
     # Scoring the folder again gives the stored predictive (the same draws, the same Jacobians).
     predictions = tmp_path / "again.jsonl"

@@ -98,23 +98,24 @@ def calibrate_run(
 def fit_posterior_with_decisions(
     run_dir: str | Path, cfg: PosteriorConfig, out: str | Path | None = None, **options
 ) -> PosteriorFit:
-    """:func:`~loraens.posteriors.fit.fit_posterior` (``options`` are its keywords), then, when
-    it scored held-out questions, temperatures fitted on them and "+ TS" rows in its summary."""
-    fit = fit_posterior(run_dir, cfg, out, **options)
-    run = RunDir(fit.folder)
-    if not run.holdout_log_probs.is_file():
-        return fit
-    held = run.read_holdout_log_probs()
-    temps, record = fit_calibration(
-        held.member_log_probs[-1], np.asarray(held.labels), HOLDOUT_SOURCE
-    )
+    """:func:`~loraens.posteriors.fit.fit_posterior` (``options`` are its keywords) with, when
+    it scores held-out questions, temperatures fitted on them and "+ TS" rows in its summary
+    (written before the summary, which marks the posterior complete)."""
+    return fit_posterior(run_dir, cfg, out, calibrate=_calibrate_posterior, **options)
+
+
+def _calibrate_posterior(
+    run: RunDir,
+    held: tuple[np.ndarray, np.ndarray],
+    scored: tuple[np.ndarray, np.ndarray],
+) -> dict[str, dict[str, float]]:
+    """Write the temperatures fitted on ``held`` (log-probs, labels); the "+ TS" rows of
+    ``scored``."""
+    # Fitted on the float32 values the held-out file keeps: `calibrate` refits the same T.
+    stored = np.asarray(held[0], dtype=np.float32).astype(np.float64)
+    temps, record = fit_calibration(stored, held[1], HOLDOUT_SOURCE)
     run.write_calibration(record)
-    scored = run.read_eval_log_probs()
-    fit.table |= temperature_table(scored.member_log_probs[-1], scored.labels, temps)
-    summary = run.read_summary()
-    summary.table = fit.table
-    run.write_summary(summary)
-    return fit
+    return temperature_table(*scored, temps)
 
 
 def evaluate_with_decisions(

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -44,6 +45,9 @@ from loraens.rundir.load import LoadedEnsemble, Predictive, load_run
 from loraens.runtime import peak_memory_gb
 
 log = logging.getLogger(__name__)
+
+
+Calibrate = Callable[[RunDir, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], dict]
 
 
 class PosteriorError(ValueError):
@@ -210,9 +214,12 @@ def fit_posterior(
     batch_size: int = 32,
     progress: bool = False,
     trust_remote_code: bool = False,
+    calibrate: Calibrate | None = None,
 ) -> PosteriorFit:
     """Fit ``cfg``'s posterior on the run at ``run_dir`` and write it to ``out`` (default
-    ``<run>/posteriors/<method>``): records, eval and held-out scores, summary last."""
+    ``<run>/posteriors/<method>``): records, eval and held-out scores, summary last.
+    ``calibrate`` (given the folder, the held-out and the eval log-probs with labels) writes
+    temperatures and returns the summary's "+ TS" rows, when there are held-out questions."""
     source = RunDir(Path(run_dir))
     train_cfg = fittable_config(source)
     folder = Path(out) if out is not None else source.root / POSTERIORS_DIR / cfg.method
@@ -246,7 +253,7 @@ def fit_posterior(
     )
     table = _score_and_write(
         RunDir(folder), source, train_cfg, record, predictive, loaded, sets, label_ids,
-        batch_size=batch_size, progress=progress,
+        batch_size=batch_size, progress=progress, calibrate=calibrate,
     )  # fmt: skip
     return PosteriorFit(folder, record, table)
 
@@ -263,16 +270,19 @@ def _score_and_write(
     *,
     batch_size: int,
     progress: bool,
+    calibrate: Calibrate | None,
 ) -> dict[str, dict[str, float]]:
     """Score the held-out and eval questions with ``predictive``; write every record."""
     trained = source.read_summary()
     epoch = trained.epoch_kept or trained.epochs_trained or train_cfg.optim.epochs
     run.write_config(train_cfg)
+    held = None
     if sets.holdout:
-        held = predictive(
+        lp_held = predictive(
             _encode(loaded, sets.holdout), label_ids, batch_size=batch_size, progress=progress
         )
-        run.write_holdout_log_probs(epoch, held, np.asarray([q.answer for q in sets.holdout]))
+        held = (lp_held, np.asarray([q.answer for q in sets.holdout]))
+        run.write_holdout_log_probs(epoch, *held)
     started = time.perf_counter()
     lp = predictive(_encode(loaded, sets.eval), label_ids, batch_size=batch_size, progress=progress)
     record.eval_seconds = time.perf_counter() - started
@@ -281,6 +291,8 @@ def _score_and_write(
     labels = np.asarray([q.answer for q in sets.eval])
     rows = metric_rows(lp, labels, epoch=epoch, split="eval")
     table = single_vs_ensemble(rows)
+    if held is not None and calibrate is not None:
+        table |= calibrate(run, held, (lp, labels))
     run.write_eval_log_probs(epoch, lp, labels)
     write_jsonl_atomic(run.metrics, rows)
     write_predictions(run.predictions, sets.eval, lp)
