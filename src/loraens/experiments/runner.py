@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -152,51 +153,79 @@ def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
         write_ood_evaluation(folder, evaluated)
 
 
+def order_cells(cells: list[Cell]) -> list[Cell]:
+    """The cells in running order: a posterior cell reads its source cell's members, so every
+    training cell comes first."""
+    return sorted(cells, key=lambda c: c.kind == "posterior")
+
+
+def cell_complete(experiment: Experiment, cell: Cell, root: Path) -> bool:
+    """Whether :func:`run_cell` would skip the cell (launchers then send it nowhere)."""
+    folder = cell_dir(root, experiment, cell)
+    return cell_status(folder, cell) == "done" and _ood_done(experiment, cell, folder)
+
+
+def _run_cell_kind(experiment: Experiment, cell: Cell, root: Path, folder: Path) -> None:
+    if cell.kind == "few_shot":
+        _run_few_shot(cell, folder)
+    elif cell.kind == "posterior":
+        _run_posterior(experiment, cell, root, folder)
+        _run_ood_eval(experiment, cell, folder)
+    else:
+        _run_training(cell, folder)
+        _run_ood_eval(experiment, cell, folder)
+
+
+def run_cell(experiment: Experiment, cell: Cell, root: Path, label: str = "") -> CellOutcome:
+    """Run one cell, or skip it when it is complete; a failure is returned, not raised. Every
+    launcher runs its cells through this, wherever they run."""
+    label = label or cell.key
+    folder = cell_dir(root, experiment, cell)
+    status = cell_status(folder, cell)
+    if status == "done" and _ood_done(experiment, cell, folder):
+        if not RunDir(folder).cell.exists():  # finished, then stopped before tagging
+            RunDir(folder).write_cell(_cell_record(experiment, cell))
+        log.info("%s: already complete, skipped", label)
+        return CellOutcome(cell, folder, "skipped")
+    log.info("%s: %s", label, "resuming" if status == "partial" else "running")
+    tick = time.perf_counter()
+    try:
+        _run_cell_kind(experiment, cell, root, folder)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(
+            f"Interrupted in cell {cell.key}. Rerun the same `loraens experiment` command to "
+            "continue: finished cells are skipped, this one resumes from its last checkpoint."
+        ) from None
+    except (ValueError, OSError, RuntimeError) as err:
+        log.error("%s failed: %s", label, err)
+        return CellOutcome(cell, folder, "failed", error=str(err))
+    RunDir(folder).write_cell(_cell_record(experiment, cell))
+    seconds = time.perf_counter() - tick
+    log.info("%s: done in %.0f s", label, seconds)
+    return CellOutcome(cell, folder, "done", seconds)
+
+
 def run_experiment(experiment: Experiment, cells: list[Cell], root: Path) -> list[CellOutcome]:
     """Run ``cells`` (a selection of the experiment's) in order; return what happened to each."""
-    outcomes = []
-    # A posterior cell reads its source cell's members: every training cell runs first.
-    cells = sorted(cells, key=lambda c: c.kind == "posterior")
-    for index, cell in enumerate(cells, start=1):
-        folder = cell_dir(root, experiment, cell)
-        label = f"[{index}/{len(cells)}] {cell.key}"
-        status = cell_status(folder, cell)
-        if status == "done" and _ood_done(experiment, cell, folder):
-            if not RunDir(folder).cell.exists():  # finished, then stopped before tagging
-                RunDir(folder).write_cell(_cell_record(experiment, cell))
-            log.info("%s: already complete, skipped", label)
-            outcomes.append(CellOutcome(cell, folder, "skipped"))
-            continue
-        log.info("%s: %s", label, "resuming" if status == "partial" else "running")
-        tick = time.perf_counter()
-        try:
-            if cell.kind == "few_shot":
-                _run_few_shot(cell, folder)
-            elif cell.kind == "posterior":
-                _run_posterior(experiment, cell, root, folder)
-                _run_ood_eval(experiment, cell, folder)
-            else:
-                _run_training(cell, folder)
-                _run_ood_eval(experiment, cell, folder)
-        except KeyboardInterrupt:
-            raise KeyboardInterrupt(
-                f"Interrupted in cell {cell.key}. Rerun the same `loraens experiment` command to "
-                "continue: finished cells are skipped, this one resumes from its last checkpoint."
-            ) from None
-        except (ValueError, OSError, RuntimeError) as err:
-            log.error("%s failed: %s", label, err)
-            outcomes.append(CellOutcome(cell, folder, "failed", error=str(err)))
-            continue
-        RunDir(folder).write_cell(_cell_record(experiment, cell))
-        seconds = time.perf_counter() - tick
-        log.info("%s: done in %.0f s", label, seconds)
-        outcomes.append(CellOutcome(cell, folder, "done", seconds))
-    return outcomes
+    cells = order_cells(cells)
+    return [
+        run_cell(experiment, cell, root, f"[{index}/{len(cells)}] {cell.key}")
+        for index, cell in enumerate(cells, start=1)
+    ]
 
 
-def plan_table(experiment: Experiment, cells: list[Cell], root: Path) -> str:
+def plan_table(
+    experiment: Experiment,
+    cells: list[Cell],
+    root: Path,
+    running: Callable[[Cell], bool] | None = None,
+) -> str:
+    """One line per cell: done, partial, todo, or running where ``running`` says a worker holds
+    it now (:func:`loraens.experiments.launch_worker.cell_running`)."""
     lines = [f"{'status':<9}{'kind':<10}cell"]
     for cell in cells:
         status = cell_status(cell_dir(root, experiment, cell), cell)
+        if status != "done" and running is not None and running(cell):
+            status = "running"
         lines.append(f"{status:<9}{cell.kind:<10}{cell.key}")
     return "\n".join(lines)
