@@ -86,3 +86,43 @@ def test_zero_shot_arc_easy_by_answer_text_beats_chance():
     assert np.isclose(np.exp(log_p).sum(-1), 1.0).all()
     # Measured 0.5 on 200 questions; by letter the model stays near chance (0.2).
     assert accuracy(log_p, labels) >= chance + 0.15
+
+
+@pytest.mark.parametrize("scoring", ["letter", "answer_text"])
+def test_laplace_tfb_and_blob_score_real_questions(scoring):
+    from loraens.evaluation.inference import score_draws, score_variational
+    from loraens.posteriors.kfac import kfac_factors
+    from loraens.posteriors.laplace import LaplacePosterior, map_norms
+    from loraens.posteriors.predictive import linearised_log_probs
+    from loraens.posteriors.tfb import rotate, tfb_draws
+
+    base = load_base_model()  # its own: the ensembles below wrap the projections in place
+    train, evaluation = load_task("arce")
+    normalization = "per_char" if scoring == "answer_text" else "none"
+
+    def encode(questions):
+        return encode_questions(base.tokenizer, questions, 512, scoring, normalization)
+
+    label_ids = torch.tensor(label_token_ids(base.tokenizer, 5))
+    ensemble = LoRAEnsemble(base.model, n_members=2)
+    ensemble.make_variational(0.05)  # BLoB's A; Laplace and TFB read the means
+    ensemble.init_members([0, 1])
+    with torch.no_grad():
+        for param in ensemble.lora_parameters("B"):
+            param.normal_(0, 0.01, generator=torch.Generator().manual_seed(0))
+    factors = kfac_factors(ensemble, encode(train[:4]), label_ids, FP32, batch_size=2)
+    means = {k: v for k, v in ensemble.stacked_adapters().items() if not k.endswith("lora_G")}
+    posterior = LaplacePosterior(factors, map_norms(means), torch.ones(2, dtype=torch.float64))
+    posterior.fit_prior_by_evidence()
+    eval_set = encode(evaluation[:2])
+    laplace = linearised_log_probs(
+        ensemble, eval_set, label_ids, FP32, posterior.logit_covariance, batch_size=2
+    )[0]
+    tfb = score_draws(
+        ensemble, tfb_draws(rotate(means), torch.tensor([0.01, 0.01]), 2, 0), 2, eval_set,
+        label_ids, FP32,
+    )  # fmt: skip
+    blob = score_variational(ensemble, eval_set, label_ids, FP32, 2)
+    for log_p in (laplace, tfb, blob):
+        assert log_p.shape[:2] == (2, 2)
+        np.testing.assert_allclose(np.exp(log_p).sum(-1), 1.0, rtol=1e-6)
