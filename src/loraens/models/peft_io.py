@@ -51,9 +51,19 @@ def save_member(
     )
     with atomic_path(folder) as tmp:
         config.save_pretrained(str(tmp))
+        _sort_target_modules(tmp / ADAPTER_CONFIG)
         save_file(state, tmp / ADAPTER_WEIGHTS, {"format": "pt"})
         if scales:
             save_file(scales, tmp / BLOB_SCALES)
+
+
+def _sort_target_modules(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes from one
+    Python process to the next: sorted, the same run writes the same bytes in any process."""
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        path.write_text(json.dumps(config, indent=2, sort_keys=True))  # PEFT's own layout
 
 
 def read_adapter_config(folder: Path) -> dict:
