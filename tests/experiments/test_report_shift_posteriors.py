@@ -63,3 +63,28 @@ def test_the_mixture_is_compared_with_its_own_members_and_with_the_lora_ensemble
     assert ("laplace ens. (M=3)", "laplace (M=1)") in pairs
     assert ("laplace ens. (M=3) + TS", "laplace (M=1) + TS") in pairs
     assert ("LoRA ens. (M=3)", "laplace ens. (M=3)") in pairs
+
+
+def test_the_differences_table_compares_the_posterior_mixture_with_the_reference(
+    tmp_path_factory,
+):
+    root = tmp_path_factory.mktemp("runs")
+    ref = write_train_run(root / "none" / "s0", task="obqa", epochs=2)
+    laplace = write_train_run(root / "laplace" / "s0", task="obqa", epochs=2, weight_decay=0.02)
+    summary = json.loads((laplace / "summary.json").read_text())
+    config = (ref / "config.yaml").read_text()
+    (laplace / "summary.json").write_text(json.dumps({**summary, "method": "laplace"}))
+    (laplace / "config.yaml").write_text(config)  # a posterior keeps its source's config
+    out = tmp_path_factory.mktemp("report")
+    write_report([root], out)
+    rows = read_csv(out / "differences.csv")
+    (row,) = [
+        r
+        for r in rows
+        if r["a"] == "laplace ens. (M=3)" and r["b"] == "LoRA ens. (M=3)" and r["metric"] == "nll"
+    ]
+    mine, theirs = (RunDir(p).read_eval_log_probs() for p in (laplace, ref))
+    y = theirs.labels
+    a = logsumexp(mine.member_log_probs[-1], axis=0) - np.log(3)
+    b = logsumexp(theirs.member_log_probs[-1], axis=0) - np.log(3)
+    assert float(row["difference"]) == pytest.approx(_nll(a, y) - _nll(b, y), rel=1e-9)

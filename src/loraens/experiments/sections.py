@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from loraens.config import OptimConfig
+from loraens.config import POSTERIOR_METHODS, OptimConfig
 from loraens.decisions.selective import risk_coverage
 from loraens.decisions.stored import read_decisions
 from loraens.decisions.tables import DECISION_COLUMNS, decision_rows, variants
@@ -726,6 +726,7 @@ VERSUS_METRICS = ("nll", "ece", "accuracy")  # another method − the reference 
 OVERCONFIDENCE_METRICS = ("nll", "ece", "wrong_confidence")
 # how much the members differ: another ensemble's members − the reference's (no labels needed)
 DIVERSITY_MEASURES = ("mutual_information", "disagreement")
+BAYESIAN_METHODS = (*POSTERIOR_METHODS, "blob")
 ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
 VERSUS_CLAIM = "method − reference ensemble"
 DIVERSITY_CLAIM = "members' diversity: method − reference"
@@ -1033,8 +1034,11 @@ def _differences(rs: RunSet, task: str) -> Panel:
     others += rs.variants(task, lambda r: r.method == "mc_dropout", ref)
     others += rs.variants(task, lambda r: is_dropout_lora(r) and r.family == "none", ref)
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
-    for s in others:
-        name = f"{s.first.label} (M={s.first.members})"
+    # Posteriors over the reference's members, and BLoB: a mixture ("ens.") of M of them.
+    bayesian = rs.variants(task, lambda r: r.method in BAYESIAN_METHODS, ref)
+    for s in others + bayesian:
+        kind = " ens." if s in bayesian else ""
+        name = f"{s.first.label}{kind} (M={s.first.members})"
         reference.versus(name, s.runs, ensemble, panel, own_gain=True)
     few = [f for f in rs.few_shot if f.task == task and f.has_predictions]
     if few:
