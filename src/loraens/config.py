@@ -431,7 +431,9 @@ class PosteriorConfig:
     or the questions' answers (the empirical Fisher)."""
     prior: Literal["auto", "evidence", "holdout"] = "auto"
     """laplace: the prior precision maximising the Laplace evidence, or minimising the
-    held-out NLL (the run's held-out questions); auto: held-out when the run holds any out."""
+    held-out NLL (the run's held-out questions, under the linearised predictive: one pass
+    scores every candidate τ, whichever predictive then scores); auto: held-out when the run
+    holds any out."""
     kfac_rank: int = 10
     """laplace: eigenpairs kept of a K-FAC factor wider than ``full_factor_limit``."""
     full_factor_limit: int = 1024
