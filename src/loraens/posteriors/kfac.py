@@ -122,7 +122,7 @@ def kfac_factors(
     was_training = model.training
     model.eval()
     try:
-        with ensemble.probed(GradTap(sums)):
+        with torch.inference_mode(False), torch.enable_grad(), ensemble.probed(GradTap(sums)):
             for batch in question_batches(encoded, batch_size):
                 model.zero_grad(set_to_none=True)
                 out = stacked_pass(ensemble, encoded, batch, label_ids, runtime)

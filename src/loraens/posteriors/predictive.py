@@ -119,7 +119,12 @@ def linearised_log_probs(
     model.eval()
     held = ensemble.base_parameters() if runtime.autocast_dtype is None else []
     try:
-        with parameters_held_in(held, torch.float32):
+        # Jacobians need autograd even when the caller scores under inference mode or no_grad.
+        with (
+            torch.inference_mode(False),
+            torch.enable_grad(),
+            parameters_held_in(held, torch.float32),
+        ):
             for batch in tqdm(
                 question_batches(encoded, batch_size), desc=desc, disable=not progress
             ):
