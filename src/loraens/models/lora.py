@@ -289,19 +289,12 @@ class LoRAEnsemble(nn.Module):
         return peft_member_state(self.stacked_adapters(), member)
 
     def load_member_scales(self, member: int, scales: dict[str, torch.Tensor]) -> None:
-        """A BLoB member's G of every layer (``{layer}.lora_G``, as :meth:`member_scales`)."""
+        """A BLoB member's G of every layer, keyed ``{layer}.lora_G`` (as saved beside its
+        PEFT adapter, :data:`loraens.models.peft_io.BLOB_SCALES`)."""
         with torch.no_grad():
             for name, layer in self.lora_layers.items():
                 assert layer.lora_G is not None
                 layer.lora_G[member].copy_(scales[f"{name}.lora_G"])
-
-    def member_scales(self, member: int) -> dict[str, torch.Tensor]:
-        """A BLoB member's G of every layer, keyed ``{layer}.lora_G``."""
-        return {
-            key: tensor[member].float().contiguous()
-            for key, tensor in self.stacked_adapters().items()
-            if key.endswith(".lora_G")
-        }
 
     def load_member_state_dict(self, member: int, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.member_state_dict(member))

@@ -21,7 +21,6 @@ carry the prior's precision alone (see :mod:`loraens.posteriors.laplace`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -51,14 +50,6 @@ class KronEigen:
     def curvature(self) -> torch.Tensor:
         """(members, k_g, k_a): the eigenvalues of H in the kept block."""
         return self.grad_vals[:, :, None] * self.act_vals[:, None, :]
-
-    def select(self, members: Sequence[int] | slice) -> KronEigen:
-        return KronEigen(
-            self.act_vecs[members],
-            self.act_vals[members],
-            self.grad_vecs[members],
-            self.grad_vals[members],
-        )
 
 
 def top_eigenpairs(factor: torch.Tensor, keep: int | None) -> tuple[torch.Tensor, torch.Tensor]:
