@@ -158,10 +158,33 @@ def release_free_memory() -> None:
         trim(0)
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak afresh, so that :func:`peak_memory_gb` is this work's and not an
+    earlier one's in the same process (an experiment runs its cells one after another). On
+    Linux writing 5 to /proc/self/clear_refs resets the resident set's high-water mark; where
+    that is not possible the peak stays the process's."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+    except OSError:
+        pass
+
+
 def peak_memory_gb(device: torch.device) -> float:
-    """The process's peak memory so far: allocated on a GPU, the resident set on the CPU."""
+    """The peak memory since :func:`reset_peak_memory` (or the process's start): allocated on
+    a GPU, the resident set's high-water mark on the CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024 / 1e9  # kB
+    except OSError:
+        pass
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

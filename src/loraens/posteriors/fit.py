@@ -42,7 +42,7 @@ from loraens.posteriors.tfb import rotate, search_sigma, tfb_draws
 from loraens.rundir import RunDir, RunSummary
 from loraens.rundir.layout import POSTERIORS_DIR
 from loraens.rundir.load import LoadedEnsemble, Predictive, load_run
-from loraens.runtime import peak_memory_gb
+from loraens.runtime import peak_memory_gb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,7 @@ def fit_posterior(
     train_cfg = fittable_config(source)
     folder = Path(out) if out is not None else source.root / POSTERIORS_DIR / cfg.method
     loaded = load_run(source.root, device, precision, trust_remote_code=trust_remote_code)
+    reset_peak_memory(loaded.runtime.device)  # this fit's peak, loading included from here
     sets = _question_sets(train_cfg)
     n_letters = max(len(q.choices) for q in sets.train + sets.holdout + sets.eval)
     letters = scoring_label_ids(loaded.base.tokenizer, n_letters, train_cfg.model.scoring)

@@ -54,6 +54,7 @@ from loraens.runtime import (
     Runtime,
     peak_memory_gb,
     release_free_memory,
+    reset_peak_memory,
     resolve_matmul_dtype,
     resolve_weights_dtype,
     runtime_from_config,
@@ -292,6 +293,7 @@ def _choose_scoring(
 def _set_up(cfg: TrainConfig, run: RunDir, dist: Dist, new: bool) -> tuple[_Setup, _ExtraSets]:
     started = time.perf_counter()
     runtime, (weights_dtype, matmul_dtype), base = _load_model(cfg, dist)
+    reset_peak_memory(runtime.device)  # this run's peak, not an earlier cell's in the process
     train_qs, eval_qs = load_run_data(cfg.data)
     if new:  # a resumed run keeps the mode in its config.yaml: it never chooses again
         cfg = _choose_scoring(cfg, run, dist, runtime, base, train_qs)

@@ -1,0 +1,25 @@
+"""The peak memory a run reports is its own: resetting the high-water mark forgets an earlier
+allocation in the same process."""
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from loraens.runtime import peak_memory_gb, reset_peak_memory
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/clear_refs is Linux's")
+def test_a_reset_forgets_an_earlier_peak_and_a_later_allocation_counts():
+    block = np.ones(400_000_000 // 8)  # 400 MB touched, then freed
+    high = peak_memory_gb(CPU)
+    del block
+    reset_peak_memory(CPU)
+    after_reset = peak_memory_gb(CPU)
+    assert after_reset < high - 0.3
+    again = np.ones(200_000_000 // 8)
+    assert peak_memory_gb(CPU) > after_reset + 0.15
+    del again
