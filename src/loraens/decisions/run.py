@@ -106,15 +106,13 @@ def fit_posterior_with_decisions(
 
 def _calibrate_posterior(
     run: RunDir,
+    epoch: int,
     held: tuple[np.ndarray, np.ndarray],
     scored: tuple[np.ndarray, np.ndarray],
 ) -> dict[str, dict[str, float]]:
-    """Write the temperatures fitted on ``held`` (log-probs, labels); the "+ TS" rows of
-    ``scored``."""
-    # Fitted on the float32 values the held-out file keeps: `calibrate` refits the same T.
-    stored = np.asarray(held[0], dtype=np.float32).astype(np.float64)
-    temps, record = fit_calibration(stored, held[1], HOLDOUT_SOURCE)
-    run.write_calibration(record)
+    """Write ``held`` (log-probs, labels) and the temperatures fitted on them, as training
+    does; the "+ TS" rows of ``scored``."""
+    temps = write_calibration(run, epoch, *held, HOLDOUT_SOURCE)
     return temperature_table(*scored, temps)
 
 

@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 
 from loraens.data.packing import plan_rows, rows_batch
 from loraens.data.prompts import AnswerOptions, EncodedQuestions
-from loraens.evaluation.metrics import normalize_label_log_probs
+from loraens.evaluation.metrics import ensemble_log_probs, normalize_label_log_probs
 from loraens.models.loading import parameters_held_in
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import (
@@ -169,11 +169,7 @@ def score_draws(
 def mean_over_draws(per_draw: np.ndarray, samples: int) -> np.ndarray:
     """(members · S, N, K) log-probs -> (members, N, K): log of each member's mean p."""
     grouped = per_draw.reshape(-1, samples, *per_draw.shape[1:])
-    top = grouped.max(axis=1, keepdims=True)
-    finite_top = np.where(np.isfinite(top), top, 0.0)
-    with np.errstate(divide="ignore"):
-        mean = np.log(np.exp(grouped - finite_top).mean(axis=1))
-    return mean + finite_top[:, 0]
+    return np.stack([ensemble_log_probs(draws) for draws in grouped])
 
 
 VARIATIONAL_DRAW_SEED = 0

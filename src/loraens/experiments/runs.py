@@ -63,6 +63,10 @@ T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 _DEFAULT_WEIGHT_DECAY = OptimConfig().weight_decay  # the paper's unregularised AdamW default
+# Methods whose members are distributions over adapter weights: posteriors over a LoRA run's
+# members (loraens.posteriors) and BLoB; M of them form a mixture ("ens.").
+BAYESIAN_METHODS = (*POSTERIOR_METHODS, "blob")
+
 _RANDOMNESS = {
     (True, True): "init+data",
     (True, False): "init only",
@@ -169,7 +173,7 @@ class Run:
             base = f"MC dropout {_num(self.dropout)}"
         elif self.method == "last_layer":
             base = "last-layer ens."
-        elif self.method in POSTERIOR_METHODS or self.method == "blob":
+        elif self.method in BAYESIAN_METHODS:
             base = self.method
         elif self.dropout > 0:
             base = f"LoRA ens. + dropout {_num(self.dropout)}"

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from loraens.config import POSTERIOR_METHODS, OptimConfig
+from loraens.config import OptimConfig
 from loraens.decisions.selective import risk_coverage
 from loraens.decisions.stored import read_decisions
 from loraens.decisions.tables import DECISION_COLUMNS, decision_rows, variants
@@ -48,6 +48,7 @@ from loraens.evaluation.tables import METRICS
 from loraens.experiments import figures
 from loraens.experiments.figures import Arrow, Bar, ConfidenceSet, Series, family_color
 from loraens.experiments.runs import (
+    BAYESIAN_METHODS,
     RANDOMNESS_ORDER,
     FewShotRun,
     Run,
@@ -726,7 +727,6 @@ VERSUS_METRICS = ("nll", "ece", "accuracy")  # another method − the reference 
 OVERCONFIDENCE_METRICS = ("nll", "ece", "wrong_confidence")
 # how much the members differ: another ensemble's members − the reference's (no labels needed)
 DIVERSITY_MEASURES = ("mutual_information", "disagreement")
-BAYESIAN_METHODS = (*POSTERIOR_METHODS, "blob")
 ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
 VERSUS_CLAIM = "method − reference ensemble"
 DIVERSITY_CLAIM = "members' diversity: method − reference"

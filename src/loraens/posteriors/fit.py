@@ -26,6 +26,7 @@ from loraens.data.prompts import EncodedQuestions, encode_questions, scoring_lab
 from loraens.data.records import Question
 from loraens.data.sources import load_run_data, split_holdout
 from loraens.evaluation.inference import score_draws, score_members
+from loraens.evaluation.metrics import nll
 from loraens.evaluation.predictions import write_predictions
 from loraens.evaluation.tables import metric_rows, single_vs_ensemble
 from loraens.io import write_jsonl_atomic
@@ -47,7 +48,9 @@ from loraens.runtime import peak_memory_gb, reset_peak_memory
 log = logging.getLogger(__name__)
 
 
-Calibrate = Callable[[RunDir, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], dict]
+Calibrate = Callable[
+    [RunDir, int, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]], dict
+]
 
 
 class PosteriorError(ValueError):
@@ -104,9 +107,13 @@ def _encode(loaded: LoadedEnsemble, questions: list[Question]) -> EncodedQuestio
 
 
 def _mean_nll(log_probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """(…, members) mean NLL of (…, members, N, K) log-probs."""
-    index = np.broadcast_to(labels[:, None], (*log_probs.shape[:-1], 1))
-    return -np.take_along_axis(log_probs, index, axis=-1)[..., 0].mean(-1)
+    """(…, members) :func:`~loraens.evaluation.metrics.nll` of (…, members, N, K) log-probs;
+    ``labels`` (N,) shared, or (…, members, N) one set per member."""
+    flat = log_probs.reshape(-1, *log_probs.shape[-2:])
+    per = np.broadcast_to(labels, (*log_probs.shape[:-1],)).reshape(-1, labels.shape[-1])
+    return np.asarray([nll(lp, y) for lp, y in zip(flat, per, strict=True)]).reshape(
+        log_probs.shape[:-2]
+    )
 
 
 def _fit_laplace(
@@ -180,16 +187,12 @@ def _fit_tfb(
     pseudo = map_lp.argmax(-1)  # (members, N): the trained adapters' own answers
     rotated = rotate(ensemble.stacked_adapters())
 
-    def nll_against_map(lp: np.ndarray) -> np.ndarray:
-        picked = np.take_along_axis(lp, pseudo[..., None], axis=-1)[..., 0]
-        return -picked.mean(-1)
-
-    base_nll = nll_against_map(map_lp)
+    base_nll = _mean_nll(map_lp, pseudo)
 
     def change_at(sigma: torch.Tensor) -> torch.Tensor:
         draws = tfb_draws(rotated, sigma, cfg.search_samples, cfg.seed)
         lp = score_draws(ensemble, draws, cfg.search_samples, encoded, label_ids, runtime)
-        change = np.abs(nll_against_map(lp) - base_nll) / base_nll / len(anchor)
+        change = np.abs(_mean_nll(lp, pseudo) - base_nll) / base_nll / len(anchor)
         log.info("tfb: sigma %s -> change %s", sigma.tolist(), change.tolist())
         return torch.as_tensor(change)
 
@@ -218,8 +221,9 @@ def fit_posterior(
 ) -> PosteriorFit:
     """Fit ``cfg``'s posterior on the run at ``run_dir`` and write it to ``out`` (default
     ``<run>/posteriors/<method>``): records, eval and held-out scores, summary last.
-    ``calibrate`` (given the folder, the held-out and the eval log-probs with labels) writes
-    temperatures and returns the summary's "+ TS" rows, when there are held-out questions."""
+    ``calibrate`` (given the folder, the epoch, the held-out and the eval log-probs with
+    labels) writes the held-out records and temperatures and returns the summary's "+ TS"
+    rows, when there are held-out questions."""
     source = RunDir(Path(run_dir))
     train_cfg = fittable_config(source)
     folder = Path(out) if out is not None else source.root / POSTERIORS_DIR / cfg.method
@@ -283,7 +287,8 @@ def _score_and_write(
             _encode(loaded, sets.holdout), label_ids, batch_size=batch_size, progress=progress
         )
         held = (lp_held, np.asarray([q.answer for q in sets.holdout]))
-        run.write_holdout_log_probs(epoch, *held)
+        if calibrate is None:  # else calibrate writes them with its temperatures
+            run.write_holdout_log_probs(epoch, *held)
     started = time.perf_counter()
     lp = predictive(_encode(loaded, sets.eval), label_ids, batch_size=batch_size, progress=progress)
     record.eval_seconds = time.perf_counter() - started
@@ -293,7 +298,7 @@ def _score_and_write(
     rows = metric_rows(lp, labels, epoch=epoch, split="eval")
     table = single_vs_ensemble(rows)
     if held is not None and calibrate is not None:
-        table |= calibrate(run, held, (lp, labels))
+        table |= calibrate(run, epoch, held, (lp, labels))
     run.write_eval_log_probs(epoch, lp, labels)
     write_jsonl_atomic(run.metrics, rows)
     write_predictions(run.predictions, sets.eval, lp)

@@ -362,21 +362,18 @@ class _Evaluator:
                 first_member=self.dist.members.start, batch_size=self.batch_size,
                 progress=self.progress,
             )  # fmt: skip
-            release_free_memory()
-            scores = self.dist.gather_scores(local)
-            self.seconds[id(questions)] = time.perf_counter() - started
-            return scores
-        local = score_members(
-            self.ensemble,
-            questions,
-            self.label_ids,
-            self.runtime,
-            batch_size=self.batch_size,
-            members_per_pass=self.members_per_pass,
-            mc_dropout_passes=self.mc_dropout_passes,
-            progress=self.progress,
-            questions=self.dist.question_share(len(questions)),
-        )
+        else:
+            local = score_members(
+                self.ensemble,
+                questions,
+                self.label_ids,
+                self.runtime,
+                batch_size=self.batch_size,
+                members_per_pass=self.members_per_pass,
+                mc_dropout_passes=self.mc_dropout_passes,
+                progress=self.progress,
+                questions=self.dist.question_share(len(questions)),
+            )
         release_free_memory()  # once per evaluated set, not per serve request (runtime.py)
         scores = self.dist.gather_scores(local)
         self.seconds[id(questions)] = time.perf_counter() - started
