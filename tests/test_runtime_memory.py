@@ -1,6 +1,7 @@
 """The peak memory a run reports is its own: resetting the high-water mark forgets an earlier
 allocation in the same process."""
 
+import os
 import sys
 
 import numpy as np
@@ -23,3 +24,17 @@ def test_a_reset_forgets_an_earlier_peak_and_a_later_allocation_counts():
     again = np.ones(200_000_000 // 8)
     assert peak_memory_gb(CPU) > after_reset + 0.15
     del again
+
+
+def test_half_precision_on_cpu_caps_onednns_kernel_cache_unless_the_user_did(monkeypatch):
+    from loraens.runtime import KERNEL_CACHE_CAPACITY, resolve_runtime
+
+    variable = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+    monkeypatch.delenv(variable, raising=False)
+    resolve_runtime("cpu", "fp32")
+    assert variable not in os.environ  # fp32 matmuls do not go through oneDNN's cache
+    resolve_runtime("cpu", "bf16")
+    assert os.environ[variable] == KERNEL_CACHE_CAPACITY
+    monkeypatch.setenv(variable, "7")
+    resolve_runtime("cpu", "bf16")
+    assert os.environ[variable] == "7"

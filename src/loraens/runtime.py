@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import os
 import sys
 from dataclasses import dataclass, replace
 
@@ -22,6 +23,16 @@ class Runtime:
     packing: bool = True
     pack_tokens: int = 256
     memory_budget_gb: float | None = None  # None: derived from the free memory (trainer)
+
+    @property
+    def width_multiple(self) -> int:
+        """Passes are padded to a multiple of this many positions. On CPU in half precision the
+        matmuls run through oneDNN, which builds and caches a kernel per shape: widths that
+        vary with every batch kept adding kernels (about 25 MB of resident memory per training
+        step of the bf16 demo, on an AMX Xeon), a few fixed widths stop that at a small padding
+        cost. Elsewhere (fp32 through MKL, CUDA) shapes cost nothing and rows are not padded."""
+        half = self.autocast_dtype in (torch.bfloat16, torch.float16)
+        return 64 if half and self.device.type == "cpu" else 1
 
     @property
     def row_tokens(self) -> int | None:
@@ -64,6 +75,20 @@ def resolve_precision(device: torch.device, precision: str) -> torch.dtype | Non
     return dtypes[precision]
 
 
+# oneDNN, which runs CPU bf16/fp16 matmuls, keeps up to 1024 compiled kernels (one per shape)
+# with their buffers. Passes vary in shape, so a run kept adding them: the bf16 demo's resident
+# set grew by some 200 MB per epoch, to 2.67 GB; capped at 64 it peaked at 2.23 GB, at the same
+# speed (2-core AMX Xeon, /usr/bin/time -v on `make demo` in bf16, 2026-12-05).
+KERNEL_CACHE_CAPACITY = "64"
+
+
+def limit_kernel_cache() -> None:
+    """Cap oneDNN's kernel cache (see :data:`KERNEL_CACHE_CAPACITY`), unless the user set it.
+    oneDNN reads the variable when it first builds a kernel, so this runs before any half
+    matmul: when a run resolves to half precision on CPU."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_CAPACITY)
+
+
 def resolve_runtime(
     device: str = "auto",
     precision: str = "auto",
@@ -77,7 +102,10 @@ def resolve_runtime(
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r} requested but CUDA is not available here.")
-    return Runtime(dev, resolve_precision(dev, precision), packing, pack_tokens, memory_budget_gb)
+    dtype = resolve_precision(dev, precision)
+    if dev.type == "cpu" and dtype is not None:
+        limit_kernel_cache()
+    return Runtime(dev, dtype, packing, pack_tokens, memory_budget_gb)
 
 
 def scoring_runtime(runtime: Runtime, precision: str) -> Runtime:
@@ -145,13 +173,14 @@ def _malloc_trim():
 
 
 def release_free_memory() -> None:
-    """Hand the heap's free pages back to the OS after a run scores a question set.
+    """Hand the heap's free pages back to the OS around a run's scoring of a question set.
 
     glibc keeps freed pages for reuse, but scoring and training ask for tensors of other sizes,
-    so each evaluation left the resident set higher for the next epoch's training: the bf16
-    demo (SmolLM2, 2-core AMX Xeon) peaked at 2.6, 3.3 and 3.5 GB in its three epochs for the
-    same passes. Once per evaluation costs one re-fault of the freed pages; trimming after
-    every optimiser step halved the training speed.
+    so each evaluation left the resident set higher for the next epoch's training (with
+    oneDNN's kernel cache, :data:`KERNEL_CACHE_CAPACITY`, the bf16 demo on a 2-core AMX Xeon
+    peaked at 2.6, 3.3 and 3.5 GB in its three epochs for the same passes). Twice per
+    evaluation costs two re-faults of the freed pages; trimming after every optimiser step
+    cost 10% of the training speed (one epoch of the demo's steps, same machine).
     """
     trim = _malloc_trim()
     if trim is not None:

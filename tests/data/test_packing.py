@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraens.data.packing import balanced, first_fit_decreasing, plan_rows, rows_batch
-from loraens.data.prompts import encode_questions, label_token_ids
+from loraens.data.prompts import encode_questions, label_token_ids, scoring_label_ids
 from loraens.evaluation.inference import score_members
 from loraens.models.lora import LoRAEnsemble
 from loraens.models.scoring import answer_features, batch_hidden_states
@@ -129,3 +129,21 @@ def test_answer_features_packed_equals_unpacked(setup):
         packed = answer_features(ensemble.model, encoded, FP32, batch_size=4)
         plain = answer_features(ensemble.model, encoded, UNPACKED, batch_size=4)
     torch.testing.assert_close(packed, plain, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("scoring", ["letter", "answer_text"])
+def test_rows_padded_to_a_width_multiple_score_as_unpadded(setup, monkeypatch, scoring):
+    """Padding a pass to a multiple of 64 positions (CPU half precision) is masked out."""
+    ensemble, _, _ = setup
+    tokenizer = tiny_tokenizer()
+    encoded = encode_questions(tokenizer, make_questions(9, seed=5), 256, scoring, "none")
+    labels = torch.tensor(scoring_label_ids(tokenizer, 5, scoring))
+    batch = rows_batch(encoded, [[0, 1], [2]], pad_id=0, packed=True, width_multiple=64)
+    loads = [sum(len(encoded.input_ids[i]) for i in row) for row in ([0, 1], [2])]
+    assert batch["input_ids"].shape[1] % 64 == 0 and batch["input_ids"].shape[1] > max(loads)
+    plain = score_members(ensemble, encoded, labels, FP32, batch_size=5)
+    monkeypatch.setattr(Runtime, "width_multiple", property(lambda self: 64))
+    padded = score_members(ensemble, encoded, labels, FP32, batch_size=5)
+    finite = plain > -float("inf")
+    assert ((padded > -float("inf")) == finite).all()
+    assert abs(padded[finite] - plain[finite]).max() < 1e-5

@@ -157,8 +157,11 @@ def test_member_matches_a_plain_peft_training_loop(data, variant):
             batch = [i for row in plan_rows([batch], lengths, None)[0] for i in row]
             inputs = collate(encoded, [batch], pad_id=0)
             rows = torch.arange(len(batch)), inputs["lengths"] - 1
+            # The same layout as ours: right-padded to its width multiple (64 on CPU in bf16).
+            ids = inputs["input_ids"]
+            ids = F.pad(ids, (0, -ids.shape[1] % runtime.width_multiple))
             with autocast:
-                answer = peft_model(input_ids=inputs["input_ids"]).logits[rows].float()
+                answer = peft_model(input_ids=ids).logits[rows].float()
             loss = F.cross_entropy(answer, label_ids[inputs["labels"]])
             if optim.kl_beta:
                 with torch.no_grad(), peft_model.disable_adapter():
@@ -188,3 +191,39 @@ def test_switching_off_diversity_sources(data):
     assert len(set(member_seeds(0, 3, "init"))) == 3
     assert member_seeds(0, 3, "init") != member_seeds(0, 3, "data")
     assert member_seeds(0, 5, "data")[:3] == member_seeds(0, 3, "data")
+
+
+def test_rows_padded_to_a_width_multiple_train_the_same_members(data, monkeypatch):
+    """CPU half precision pads every pass to a multiple of 64 positions (Runtime.width_multiple,
+    oneDNN's kernel cache); padding is masked, so in fp32 the members come out the same."""
+    init, order = member_seeds(0, 2, "init"), member_seeds(0, 2, "data")
+    plain, plain_losses = _train(data, 2, None, init, order)
+    import loraens.training.trainer as trainer_module
+
+    widths = []
+    original = trainer_module.rows_batch
+
+    def spy(*args, **kwargs):
+        batch = original(*args, **kwargs)
+        widths.append(batch["input_ids"].shape[1])
+        return batch
+
+    monkeypatch.setattr(trainer_module, "rows_batch", spy)
+    monkeypatch.setattr(Runtime, "width_multiple", property(lambda self: 64))
+    padded, padded_losses = _train(data, 2, None, init, order)
+    assert widths and all(w % 64 == 0 for w in widths)
+    for m in range(2):
+        for key, value in plain.member_state_dict(m).items():
+            torch.testing.assert_close(
+                padded.member_state_dict(m)[key], value, rtol=1e-4, atol=1e-5
+            )
+    for before, after in zip(plain_losses, padded_losses, strict=True):
+        assert after == pytest.approx(before, rel=1e-5)
+
+
+def test_width_multiple_is_64_only_for_half_precision_on_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert Runtime(cpu, torch.bfloat16).width_multiple == 64
+    assert Runtime(cpu, torch.float16).width_multiple == 64
+    assert Runtime(cpu, None).width_multiple == 1
+    assert Runtime(cuda, torch.bfloat16).width_multiple == 1

@@ -94,9 +94,14 @@ def plan_rows(
 
 
 def rows_batch(
-    encoded: EncodedQuestions, rows: Sequence[Row], pad_id: int, packed: bool
+    encoded: EncodedQuestions,
+    rows: Sequence[Row],
+    pad_id: int,
+    packed: bool,
+    width_multiple: int = 1,
 ) -> dict[str, torch.Tensor]:
-    """Token ids of ``rows`` (right-padded to the longest), and where each question ends.
+    """Token ids of ``rows`` (right-padded to the longest, rounded up to a multiple of
+    ``width_multiple``), and where each question ends.
 
     Questions are listed in row order. ``answer_rows``/``answer_ends`` locate each question's
     last prompt token (``ends`` is one past it, like a length). ``position_ids`` is set when
@@ -105,7 +110,7 @@ def rows_batch(
     plain causal attention (trailing padding cannot influence earlier tokens).
     """
     loads = [sum(len(encoded.input_ids[i]) for i in row) for row in rows]
-    width = max([1, *loads])
+    width = -(-max([1, *loads]) // width_multiple) * width_multiple
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     positions = torch.empty((len(rows), width), dtype=torch.long) if packed else None
     indices, answer_rows, answer_ends = [], [], []

@@ -127,7 +127,13 @@ def score_members(
                 rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
                 for members in slices:
                     n_active = (members.stop - members.start) * passes
-                    inputs = rows_batch(encoded, rows * n_active, 0, packed=runtime.packing)
+                    inputs = rows_batch(
+                        encoded,
+                        rows * n_active,
+                        0,
+                        packed=runtime.packing,
+                        width_multiple=runtime.width_multiple,
+                    )
                     with ensemble.members(members):
                         logits = option_logits(
                             model, inputs, runtime, label_ids[:n_labels], encoded.options

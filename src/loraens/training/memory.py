@@ -11,7 +11,16 @@ saved-tensor hooks on a small Llama (h = 256, f = 640, 2 layers, 4 × 128 tokens
 * bf16 autocast: 18h + 6f B (docs/distributed.md, measured +2%).
 
 Packed rows add 5% (their block-diagonal mask, per-row rotary tables). Backward's transient
-workspace and the answer-position logits come on top; :data:`OVERHEAD` covers both.
+workspace and the answer-position logits come on top; :data:`OVERHEAD` covers both. In half
+precision the transients weigh more against the halved saved tensors (autocast casts each
+projection's input on its own from the fp32 residual stream; oneDNN packs weights per call).
+Peak RSS over one training pass of SmolLM2 in bf16 (packed answer-text rows of 256 positions,
+passes of 192 to 1024 tokens, 2-core AMX Xeon, ``bench/pass_memory.py``) rose by 0.34 GB plus
+0.94 MB per token: at the 1 GB budget's scale, 2.2 times the saved bytes per token, hence
+:data:`HALF_OVERHEAD`. At fp32's 1.25 a bf16 pass overran its budget by half: all else
+equal, ``make demo`` in bf16 peaked at 2.66 GB with 1.25 and at 2.23 GB with 2.2, 4 s slower
+(/usr/bin/time -v, same machine). fp32 rose by 0.11 GB plus 1.48 MB per token; its passes are
+left as they were, its demo peak (2.15 GB) already within the budget's purpose.
 
 A step is then split into passes that each fit the budget: fewer rows of each member per pass
 (gradient accumulation: every question's loss is divided by its member's full batch size, so
@@ -26,6 +35,7 @@ from pathlib import Path
 import torch
 
 OVERHEAD = 1.25  # packed-mask share, backward's workspace, logits at the answer position
+HALF_OVERHEAD = 2.2  # the same in bf16/fp16, where the transients weigh more (module doc)
 GB = 1e9
 # Measured (SmolLM2-135M, fp32, arce, M = 5, batch 16, packed): with a 1.5 GB budget (1157
 # tokens per pass) peak RSS was 2.82 GB, 0.57 GB after loading; 1 GB leaves room under 3 GB.
@@ -36,10 +46,9 @@ CPU_FRACTION, CUDA_FRACTION = 0.25, 0.5
 def activation_bytes_per_token(config, autocast_dtype: torch.dtype | None) -> float:
     """Bytes kept for backward per token of a training pass, all layers (see module doc)."""
     h, f = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
-    per_layer = (
-        18 * h + 6 * f if autocast_dtype in (torch.bfloat16, torch.float16) else (28 * h + 12 * f)
-    )
-    return config.num_hidden_layers * per_layer * OVERHEAD
+    if autocast_dtype in (torch.bfloat16, torch.float16):
+        return config.num_hidden_layers * (18 * h + 6 * f) * HALF_OVERHEAD
+    return config.num_hidden_layers * (28 * h + 12 * f) * OVERHEAD
 
 
 # Answer-text training keeps full-vocabulary float32 logits at every scored position: the logits

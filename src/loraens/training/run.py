@@ -356,6 +356,9 @@ class _Evaluator:
 
     def __call__(self, questions: EncodedQuestions) -> np.ndarray:
         started = time.perf_counter()
+        # Once per evaluated set, not per serve request (runtime.py): before, so that training's
+        # freed pages are not kept under scoring's own, and after, for the next epoch's training.
+        release_free_memory()
         if self.blob_samples is not None:  # every member's draws in one pass, all questions
             local = score_variational(
                 self.ensemble, questions, self.label_ids, self.runtime, self.blob_samples,
@@ -374,7 +377,7 @@ class _Evaluator:
                 progress=self.progress,
                 questions=self.dist.question_share(len(questions)),
             )
-        release_free_memory()  # once per evaluated set, not per serve request (runtime.py)
+        release_free_memory()
         scores = self.dist.gather_scores(local)
         self.seconds[id(questions)] = time.perf_counter() - started
         return scores

@@ -192,7 +192,13 @@ class EnsembleTrainer:
         """One pass over ``rows`` (grouped by member, as many per member); each question's loss
         enters divided by ``full_size``. Returns each member's summed loss over the pass."""
         n_active = members.stop - members.start
-        inputs = rows_batch(self.train_set, rows, self.pad_id, packed=self.runtime.packing)
+        inputs = rows_batch(
+            self.train_set,
+            rows,
+            self.pad_id,
+            packed=self.runtime.packing,
+            width_multiple=self.runtime.width_multiple,
+        )
         self.tokens_seen += int(inputs["lengths"].sum())
         self.tokens_processed += inputs["input_ids"].numel()
         if self.pass_log is not None:
