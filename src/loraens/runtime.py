@@ -176,9 +176,9 @@ def release_free_memory() -> None:
     """Hand the heap's free pages back to the OS around a run's scoring of a question set.
 
     glibc keeps freed pages for reuse, but scoring and training ask for tensors of other sizes,
-    so each evaluation left the resident set higher for the next epoch's training (with
-    oneDNN's kernel cache, :data:`KERNEL_CACHE_CAPACITY`, the bf16 demo on a 2-core AMX Xeon
-    peaked at 2.6, 3.3 and 3.5 GB in its three epochs for the same passes). Twice per
+    so each evaluation left the resident set higher for the next epoch's training (before
+    oneDNN's kernel cache was capped, :data:`KERNEL_CACHE_CAPACITY`, the bf16 demo on a 2-core
+    AMX Xeon peaked at 2.6, 3.3 and 3.5 GB in its three epochs for the same passes). Twice per
     evaluation costs two re-faults of the freed pages; trimming after every optimiser step
     cost 10% of the training speed (one epoch of the demo's steps, same machine).
     """
