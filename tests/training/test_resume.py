@@ -47,7 +47,7 @@ def _args(model_dir, data_files, out, *extra):
 # and waits there. A signal sent once MARKER exists lands at that very point: racing a running
 # child instead lets a fast or busy machine finish the run first.
 _PAUSED_RUN = """
-import sys, time
+import signal, sys, time
 from pathlib import Path
 
 import loraens.training.run as run
@@ -55,6 +55,9 @@ from loraens.cli.main import main
 
 marker, args = Path(sys.argv[1]), sys.argv[2:]
 announce = run.announce_duration
+# A shell's background job starts with SIGINT ignored, and Python then installs no
+# KeyboardInterrupt handler: restore it, as a terminal's Ctrl-C would find it.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pausing(trainer, *rest, **kwargs):
