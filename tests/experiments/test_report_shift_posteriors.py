@@ -1,5 +1,6 @@
-"""A posterior's folder in the shift tables: its single members (Laplace-LoRA, M = 1) and its
-mixture, each with and without temperature scaling, recomputed from its records."""
+"""A posterior's folder (and a BLoB run) in the shift tables: its single members (Laplace-LoRA,
+M = 1) and its mixture, each with and without temperature scaling, recomputed from its records,
+and compared with the LoRA ensemble with and without its temperatures."""
 
 from __future__ import annotations
 
@@ -21,33 +22,40 @@ def report(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs") / "obqa"
     ref = write_train_run(root / "none" / "s0", task="obqa", epochs=2)
     _write_records(ref, 1)
-    laplace = write_train_run(root / "laplace" / "s0", task="obqa", epochs=2)
-    summary = json.loads((laplace / "summary.json").read_text())
-    (laplace / "summary.json").write_text(json.dumps({**summary, "method": "laplace"}))
-    _write_records(laplace, 2)
-    _calibrate(laplace)
+    _calibrate(ref)
+    for key, method in ((2, "laplace"), (3, "blob")):
+        run = write_train_run(root / method / "s0", task="obqa", epochs=2)
+        summary = json.loads((run / "summary.json").read_text())
+        (run / "summary.json").write_text(json.dumps({**summary, "method": method}))
+        _write_records(run, key)
+        _calibrate(run)
     out = tmp_path_factory.mktemp("report")
     write_report([root.parent], out)
-    return laplace, read_csv(out / "shift.csv"), read_csv(out / "shift_differences.csv")
+    return root, read_csv(out / "shift.csv"), read_csv(out / "shift_differences.csv")
 
 
 def _nll(lp: np.ndarray, y: np.ndarray) -> float:
     return float(-lp[np.arange(len(y)), y].mean())
 
 
-def test_the_posterior_gives_its_members_and_its_mixture_with_and_without_ts(report):
-    laplace, rows, _ = report
-    record = RunDir(laplace).read_ood_log_probs("arcc")
+def _mixture(members: np.ndarray) -> np.ndarray:
+    return logsumexp(members, axis=0) - np.log(len(members))
+
+
+@pytest.mark.parametrize("method", ["laplace", "blob"])
+def test_the_posterior_gives_its_members_and_its_mixture_with_and_without_ts(report, method):
+    root, rows, _ = report
+    record = RunDir(root / method / "s0").read_ood_log_probs("arcc")
     y = record.in_labels
     members = record.in_log_probs  # (M, N, K)
-    mixture = logsumexp(members, axis=0) - np.log(len(members))
+    mixture = _mixture(members)
     want = {
-        "laplace (M=1)": np.mean([_nll(m, y) for m in members]),
-        "laplace ens. (M=3)": _nll(mixture, y),
-        "laplace (M=1) + TS": np.mean(
+        f"{method} (M=1)": np.mean([_nll(m, y) for m in members]),
+        f"{method} ens. (M=3)": _nll(mixture, y),
+        f"{method} (M=1) + TS": np.mean(
             [_nll(log_softmax(m / t, axis=-1), y) for m, t in zip(members, MEMBER_T, strict=True)]
         ),
-        "laplace ens. (M=3) + TS": _nll(log_softmax(mixture / ENSEMBLE_T, axis=-1), y),
+        f"{method} ens. (M=3) + TS": _nll(log_softmax(mixture / ENSEMBLE_T, axis=-1), y),
     }
     for model, value in want.items():
         (row,) = [
@@ -65,6 +73,29 @@ def test_the_mixture_is_compared_with_its_own_members_and_with_the_lora_ensemble
     assert ("LoRA ens. (M=3)", "laplace ens. (M=3)") in pairs
 
 
+@pytest.mark.parametrize("model", ["laplace ens. (M=3)", "blob ens. (M=3) + TS", "blob (M=1)"])
+def test_every_method_is_compared_with_the_temperature_scaled_lora_ensemble(report, model):
+    root, _, differences = report
+    (row,) = [
+        r
+        for r in differences
+        if (r["eval_set"], r["a"], r["b"], r["metric"])
+        == ("arcc", model, "LoRA ens. (M=3) + TS", "nll")
+    ]
+    assert row["claim"] == "method − reference ensemble + TS"
+    mine = RunDir(root / model.split()[0] / "s0").read_ood_log_probs("arcc")
+    theirs = RunDir(root / "none" / "s0").read_ood_log_probs("arcc")
+    y = mine.ood_labels
+    baseline = _nll(log_softmax(_mixture(theirs.ood_log_probs) / ENSEMBLE_T, axis=-1), y)
+    if model == "blob (M=1)":
+        value = np.mean([_nll(m, y) for m in mine.ood_log_probs])
+    else:
+        scale = ENSEMBLE_T if model.endswith("+ TS") else 1.0
+        value = _nll(log_softmax(_mixture(mine.ood_log_probs) / scale, axis=-1), y)
+    # the scaled ensemble is computed in float32
+    assert float(row["difference"]) == pytest.approx(value - baseline, rel=1e-6)
+
+
 def test_the_differences_table_compares_the_posterior_mixture_with_the_reference(
     tmp_path_factory,
 ):
@@ -76,6 +107,8 @@ def test_the_differences_table_compares_the_posterior_mixture_with_the_reference
     (laplace / "summary.json").write_text(json.dumps({**summary, "method": "laplace"}))
     (laplace / "config.yaml").write_text(config)  # a posterior keeps its source's config
     out = tmp_path_factory.mktemp("report")
+    _calibrate(ref)
+    _calibrate(laplace)
     write_report([root], out)
     rows = read_csv(out / "differences.csv")
     (row,) = [
@@ -88,3 +121,15 @@ def test_the_differences_table_compares_the_posterior_mixture_with_the_reference
     a = logsumexp(mine.member_log_probs[-1], axis=0) - np.log(3)
     b = logsumexp(theirs.member_log_probs[-1], axis=0) - np.log(3)
     assert float(row["difference"]) == pytest.approx(_nll(a, y) - _nll(b, y), rel=1e-9)
+    # and against the reference ensemble with its temperatures, with and without its own
+    (row,) = [
+        r
+        for r in rows
+        if (r["a"], r["b"], r["metric"])
+        == ("laplace ens. (M=3) + TS", "LoRA ens. (M=3) + TS", "nll")
+    ]
+    assert row["claim"] == "method − reference ensemble + TS"
+    scaled = [log_softmax(lp / ENSEMBLE_T, axis=-1) for lp in (a, b)]
+    assert float(row["difference"]) == pytest.approx(
+        _nll(scaled[0], y) - _nll(scaled[1], y), rel=1e-6
+    )

@@ -729,6 +729,8 @@ OVERCONFIDENCE_METRICS = ("nll", "ece", "wrong_confidence")
 DIVERSITY_MEASURES = ("mutual_information", "disagreement")
 ENSEMBLE_GAIN_CLAIM = "ensemble − mean single member"
 VERSUS_CLAIM = "method − reference ensemble"
+# The bar a Bayesian method has to clear: the reference ensemble with its fitted temperatures.
+CALIBRATED_VERSUS_CLAIM = "method − reference ensemble + TS"
 DIVERSITY_CLAIM = "members' diversity: method − reference"
 OVERCONFIDENCE_CLAIM = "over-confidence: last − first epoch"
 DIFFERENCE_COLUMNS = (
@@ -812,12 +814,14 @@ class _Reference:
         model: Callable[[Run | FewShotRun, _Final], np.ndarray | None],
         panel: Panel,
         own_gain: bool = False,
+        calibrated: bool = False,
     ) -> None:
         """Rows of ``name`` − the reference ensemble, over the seeds both have on the same
         questions; ``model`` turns a run's final log-probs into the compared model's (N, K)
         log-probs or (J, N, K) stack (None: not available). With ``own_gain``, also the
         compared ensemble minus its own mean member (Fig. 2's arrow, for every setting) and
-        its members' diversity minus the reference members'."""
+        its members' diversity minus the reference members'. With ``calibrated``, against the
+        reference ensemble + TS instead, on the seeds whose temperatures were fitted."""
         mine: dict[int, np.ndarray] = {}
         members: dict[int, np.ndarray] = {}
         skipped = []
@@ -838,12 +842,18 @@ class _Reference:
             panel.notes.append(f"{name} − {self.name}: {why}.")
         if not mine:
             return
-        seeds = sorted(mine)
-        ensembles = [ensemble_log_probs(self.finals[s].member_log_probs) for s in seeds]
+        baselines = self._scaled(mine) if calibrated else self._plain(mine)
+        seeds = sorted(baselines)
+        if not seeds:
+            panel.notes.append(f"{name} − {self.name} + TS: the reference has no temperatures.")
+            return
+        claim = CALIBRATED_VERSUS_CLAIM if calibrated else VERSUS_CLAIM
+        b = f"{self.name} + TS" if calibrated else self.name
         for metric in VERSUS_METRICS:
-            d = paired_difference([mine[s] for s in seeds], ensembles, self.labels, metric)
-            row = difference_row(self.task, VERSUS_CLAIM, metric, name, self.name, seeds, d)
-            panel.rows.append(row)
+            d = paired_difference(
+                [mine[s] for s in seeds], [baselines[s] for s in seeds], self.labels, metric
+            )
+            panel.rows.append(difference_row(self.task, claim, metric, name, b, seeds, d))
         if own_gain:
             stacks = [members[s] for s in seeds]
             for metric in ENSEMBLE_GAIN_METRICS:
@@ -859,6 +869,14 @@ class _Reference:
                 panel.rows.append(row)
         panel.runs += [r for r in runs if isinstance(r, Run) and r.seed in mine]
         panel.few_shot += [r for r in runs if isinstance(r, FewShotRun) and r.seed in mine]
+
+    def _plain(self, seeds: Mapping[int, Any]) -> dict[int, np.ndarray]:
+        return {s: ensemble_log_probs(self.finals[s].member_log_probs) for s in seeds}
+
+    def _scaled(self, seeds: Mapping[int, Any]) -> dict[int, np.ndarray]:
+        """The reference ensemble + TS of those ``seeds`` whose temperatures were fitted."""
+        scaled = {s: _temperature_scaled(self.runs[s], self.finals[s]) for s in seeds}
+        return {s: lp for s, lp in scaled.items() if lp is not None}
 
 
 def _reference_finals(ref: Setting, task: str, panel: Panel) -> _Reference | None:
@@ -1053,6 +1071,11 @@ def _differences(rs: RunSet, task: str) -> Panel:
     if calibrated:
         reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
         panel.rows += _calibrated_gain_rows(reference)
+        for s in bayesian:  # each with and without its own temperatures
+            name = f"{s.first.label} ens. (M={s.first.members})"
+            reference.versus(name, s.runs, ensemble, panel, calibrated=True)
+            scaled = [r for r in s.runs if r.is_calibrated]
+            reference.versus(f"{name} + TS", scaled, _temperature_scaled, panel, calibrated=True)
     panel.rows += _overconfidence_rows(reference, panel)
     return panel
 

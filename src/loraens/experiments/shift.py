@@ -34,7 +34,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loraens.config import POSTERIOR_METHODS
 from loraens.decisions.stored import temperatures_of
 from loraens.decisions.temperature import Temperatures
 from loraens.evaluation.intervals import (
@@ -47,8 +46,9 @@ from loraens.evaluation.intervals import (
 )
 from loraens.evaluation.metrics import ensemble_log_probs, max_prob, mutual_information
 from loraens.evaluation.metrics import predictive_entropy as entropy
-from loraens.experiments.runs import Run, RunSet, Setting
+from loraens.experiments.runs import BAYESIAN_METHODS, Run, RunSet, Setting
 from loraens.experiments.sections import (
+    CALIBRATED_VERSUS_CLAIM,
     DIFFERENCE_COLUMNS,
     ENSEMBLE_GAIN_CLAIM,
     Panel,
@@ -123,8 +123,8 @@ def _reference_models(
 
 
 def _names(members: int, method: str = "") -> dict[str, str]:
-    """The four models of a run of LoRA members (``method`` ""), or of a posterior over them
-    (its single members are that method with M = 1: Laplace-LoRA, TFB)."""
+    """The four models of a run of LoRA members (``method`` ""), or of a Bayesian method's run
+    (its single members are that method with M = 1: Laplace-LoRA, TFB, BLoB)."""
     ensemble = f"{method or 'LoRA'} ens. (M={members})"
     single = f"{method} (M=1)" if method else "mean single member"
     return {
@@ -211,7 +211,7 @@ def _shift_set(ref: Setting, others: list[Setting], ood_set: str, panel: Panel) 
     seeds = set(shift.models[shift.names["ensemble"]])
     for setting in others:
         name = f"{setting.first.label} (M={setting.first.members})"
-        posterior = setting.first.method in POSTERIOR_METHODS
+        posterior = setting.first.method in BAYESIAN_METHODS
         if posterior:
             name = _names(setting.first.members, setting.first.method)["ensemble"]
         for run in setting.runs:
@@ -239,7 +239,7 @@ def _shift_sets(rs: RunSet, task: str, panel: Panel) -> list[_ShiftSet]:
         return []
     others = rs.variants(task, lambda r: r.method == "mc_dropout", ref)
     others += rs.variants(task, lambda r: r.method == "last_layer", ref)
-    others += rs.variants(task, lambda r: r.method in POSTERIOR_METHODS, ref)
+    others += rs.variants(task, lambda r: r.method in BAYESIAN_METHODS, ref)
     names = sorted({name for run in ref.runs for name in _record_sets(run)})
     sets = [s for name in names if (s := _shift_set(ref, others, name, panel)) is not None]
     if not sets:
@@ -362,8 +362,11 @@ def _claims(shift: _ShiftSet) -> list[tuple[str, str, str]]:
         (ENSEMBLE_GAIN_CLAIM, n["ensemble + TS"], n["single + TS"]),
         (TS_CLAIM, n["ensemble + TS"], n["ensemble"]),
     ]
-    claims += [(METHOD_CLAIM, n["ensemble"], m) for m in shift.models if m not in n.values()]
-    for method in POSTERIOR_METHODS:  # a mixture of posteriors against one of them
+    others = [m for m in shift.models if m not in n.values()]
+    claims += [(METHOD_CLAIM, n["ensemble"], m) for m in others]
+    # Against the cheapest strong baseline, the ensemble with its fitted temperatures.
+    claims += [(CALIBRATED_VERSUS_CLAIM, m, n["ensemble + TS"]) for m in others]
+    for method in BAYESIAN_METHODS:  # a mixture of posteriors against one of them
         single = _names(0, method)["single"]
         for ens in (m for m in shift.models if m.startswith(f"{method} ens. (M=")):
             claims.append((ENSEMBLE_GAIN_CLAIM, ens, single + (" + TS" if "+ TS" in ens else "")))
