@@ -133,3 +133,14 @@ def test_the_differences_table_compares_the_posterior_mixture_with_the_reference
     assert float(row["difference"]) == pytest.approx(
         _nll(scaled[0], y) - _nll(scaled[1], y), rel=1e-6
     )
+    # one member with its own temperature: the mean of its members' figures
+    (row,) = [
+        r
+        for r in rows
+        if (r["a"], r["b"], r["metric"]) == ("laplace (M=1) + TS", "LoRA ens. (M=3) + TS", "nll")
+    ]
+    members = mine.member_log_probs[-1]
+    single = np.mean(
+        [_nll(log_softmax(m / t, axis=-1), y) for m, t in zip(members, MEMBER_T, strict=True)]
+    )
+    assert float(row["difference"]) == pytest.approx(single - _nll(scaled[1], y), rel=1e-6)

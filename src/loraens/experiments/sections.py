@@ -1003,6 +1003,15 @@ def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | No
     return None if temps is None else temps.ensemble_scaled(final.member_log_probs)
 
 
+def _members(run: Run | FewShotRun, final: _Final) -> np.ndarray:
+    return final.member_log_probs  # (M, N, K): the figures of its mean single member
+
+
+def _members_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
+    temps = _temperatures(run, final)
+    return None if temps is None else temps.members_scaled(final.member_log_probs)
+
+
 def _early_stop_epochs(ref: _Reference) -> list[int]:
     """Epochs before the final one that every seed of the reference evaluated (at most 3, the
     paper's early-stopping budgets)."""
@@ -1071,11 +1080,14 @@ def _differences(rs: RunSet, task: str) -> Panel:
     if calibrated:
         reference.versus(f"{reference.name} + TS", calibrated, _temperature_scaled, panel)
         panel.rows += _calibrated_gain_rows(reference)
-        for s in bayesian:  # each with and without its own temperatures
-            name = f"{s.first.label} ens. (M={s.first.members})"
-            reference.versus(name, s.runs, ensemble, panel, calibrated=True)
+        for s in bayesian:  # one member and the mixture, each with and without its own T
             scaled = [r for r in s.runs if r.is_calibrated]
-            reference.versus(f"{name} + TS", scaled, _temperature_scaled, panel, calibrated=True)
+            for name, plain, with_ts in (
+                (f"{s.first.label} (M=1)", _members, _members_scaled),
+                (f"{s.first.label} ens. (M={s.first.members})", ensemble, _temperature_scaled),
+            ):
+                reference.versus(name, s.runs, plain, panel, calibrated=True)
+                reference.versus(f"{name} + TS", scaled, with_ts, panel, calibrated=True)
     panel.rows += _overconfidence_rows(reference, panel)
     return panel
 
