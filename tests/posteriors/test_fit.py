@@ -110,4 +110,13 @@ def test_the_report_sets_a_posterior_beside_its_members_with_their_costs(trained
         trained_run.eval_seconds / trained_run.eval_questions
     )
     assert float(lora["peak_memory_gb"]) > 0
+    # With its temperatures: the summary's "+ TS" figures at the same cost.
+    table = RunDir(folder).read_summary().table
+    for model, key in (
+        ("laplace (M=2) + TS", "ensemble + TS"),
+        ("laplace, one member + TS", "single + TS"),
+    ):
+        assert float(rows[model]["nll"]) == pytest.approx(table[key]["nll"])
+        plain = rows[model.removesuffix(" + TS")]
+        assert rows[model]["eval_seconds_per_question"] == plain["eval_seconds_per_question"]
     assert (tmp_path / "report" / "fig-cost.png").is_file()

@@ -1,11 +1,12 @@
 """The report's cost section (issue 29): what each method costs beside what it buys.
 
 Per task and setting (mean over seeds, as recorded in each run's summary.json), for its single
-members and its ensemble: accuracy, NLL and ECE, the training time of the members, a
-posterior's fitting time on top, the scoring time per question and the peak memory; and a
-figure of NLL against the scoring time per question. A single member's scoring time is the
-ensemble's divided by M: in the stacked pass every member is a group of rows, so a member's
-share of the pass is its share of the rows (Laplace's Jacobians and TFB's draws too).
+members and its ensemble, each with and without its fitted temperatures: accuracy, NLL and
+ECE, the training time of the members, a posterior's fitting time on top, the scoring time per
+question and the peak memory; and a figure of NLL against the scoring time per question.
+A single member's scoring time is the ensemble's divided by M: in the stacked pass every
+member is a group of rows, so a member's share of the pass is its share of the rows
+(Laplace's Jacobians and TFB's draws too).
 Runs written before these were recorded show no scoring time or memory.
 """
 
@@ -23,6 +24,7 @@ from loraens.experiments.sections import Panel, SectionSpec
 
 __all__ = ["COST_COLUMNS", "COST_SECTIONS"]
 
+TS_SUFFIX = " + TS"
 COST_COLUMNS = (
     "task", "model", "method", "members", "seeds", "accuracy", "nll", "ece", "train_seconds",
     "fit_seconds", "eval_seconds_per_question", "peak_memory_gb", "device", "precision",
@@ -60,15 +62,22 @@ def _rows(task: str, setting: Setting) -> list[dict]:
     }
     per_question = _per_question(setting)
     rows = []
-    for which, size in (("single", 1), ("ensemble", members)):
+    # "+ TS": the same models with their fitted temperatures, at the same cost (a 1-D fit).
+    for which, size, scaled in (
+        ("single", 1, ""),
+        ("ensemble", members, ""),
+        ("single + TS", 1, TS_SUFFIX),
+        ("ensemble + TS", members, TS_SUFFIX),
+    ):
         table = setting.table(which)
         if not table:
             continue
-        name = f"{first.label} (M={size})" if which == "ensemble" or members == 1 else first.label
+        ensemble = which.startswith("ensemble")
+        name = f"{first.label} (M={size})" if ensemble else f"{first.label}, one member"
         rows.append(
             {
                 **common,
-                "model": name if which == "ensemble" else f"{first.label}, one member",
+                "model": name + scaled,
                 "members": size,
                 "accuracy": table.get("accuracy", math.nan),
                 "nll": table.get("nll", math.nan),
@@ -96,10 +105,16 @@ def cost_figure(panels: Mapping[str, Sequence[Mapping]], footer: str) -> Figure:
     fig = Figure(figsize=(5.0 * len(panels), 4.0))
     for i, (task, rows) in enumerate(panels.items()):
         ax = fig.add_subplot(1, len(panels), i + 1)
+        colors: dict[str, str] = {}
         for row in rows:
             marker = "o" if row["members"] > 1 else "s"
-            ax.scatter(row["eval_seconds_per_question"], row["nll"], marker=marker)
-            ax.annotate(row["model"], (row["eval_seconds_per_question"], row["nll"]), fontsize=7)
+            model = str(row["model"]).removesuffix(TS_SUFFIX)
+            color = colors.setdefault(model, f"C{len(colors) % 10}")
+            scaled = str(row["model"]).endswith(TS_SUFFIX)  # hollow: with temperatures
+            face = "none" if scaled else color
+            x, y = row["eval_seconds_per_question"], row["nll"]
+            ax.scatter(x, y, marker=marker, edgecolors=color, facecolors=face)
+            ax.annotate(row["model"], (x, y), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("scoring time per question (s, log)")
         ax.set_ylabel("NLL")
@@ -118,7 +133,8 @@ COST_SECTIONS: tuple[SectionSpec, ...] = (
         draw=cost_figure,
         image="fig-cost.png",
         caption="Squares: a single member (its share of the stacked pass, 1/M of the "
-        "ensemble's time); circles: ensembles and mixtures. Means over seeds.",
+        "ensemble's time); circles: ensembles and mixtures; hollow: the same model with its "
+        "fitted temperatures (+ TS). Means over seeds.",
         csv="cost.csv",
         columns=COST_COLUMNS,
     ),

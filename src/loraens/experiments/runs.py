@@ -256,13 +256,15 @@ class Run:
         return run.calibration.is_file() and run.holdout_log_probs.is_file()
 
     def table(self, which: str) -> dict[str, float]:
-        """The summary's "single (mean)" or "ensemble (M=...)" row."""
+        """The summary's "single (mean)" or "ensemble (M=...)" row, or (``which`` "single + TS",
+        "ensemble + TS") either with its fitted temperatures."""
         table = self.summary.table
-        key = (
-            "single (mean)"
-            if which == "single"
-            else next((k for k in table if k.startswith("ensemble (")), "")
-        )
+        if which.endswith(" + TS"):
+            key = which
+        elif which == "single":
+            key = "single (mean)"
+        else:
+            key = next((k for k in table if k.startswith("ensemble (")), "")
         return {m: float(v) for m, v in table.get(key, {}).items()}
 
 
