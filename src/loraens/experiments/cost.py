@@ -114,7 +114,8 @@ def cost_figure(panels: Mapping[str, Sequence[Mapping]], footer: str) -> Figure:
             face = "none" if scaled else color
             x, y = row["eval_seconds_per_question"], row["nll"]
             ax.scatter(x, y, marker=marker, edgecolors=color, facecolors=face)
-            ax.annotate(row["model"], (x, y), fontsize=7)
+            if not scaled:  # its hollow twin shares its colour; labels would pile up at TS's NLL
+                ax.annotate(row["model"], (x, y), fontsize=7)
         ax.set_xscale("log")
         ax.set_xlabel("scoring time per question (s, log)")
         ax.set_ylabel("NLL")
@@ -133,8 +134,8 @@ COST_SECTIONS: tuple[SectionSpec, ...] = (
         draw=cost_figure,
         image="fig-cost.png",
         caption="Squares: a single member (its share of the stacked pass, 1/M of the "
-        "ensemble's time); circles: ensembles and mixtures; hollow: the same model with its "
-        "fitted temperatures (+ TS). Means over seeds.",
+        "ensemble's time); circles: ensembles and mixtures; hollow, in the same colour: the "
+        "same model with its fitted temperatures (+ TS). Means over seeds.",
         csv="cost.csv",
         columns=COST_COLUMNS,
     ),
