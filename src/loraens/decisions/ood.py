@@ -2,8 +2,9 @@
 ``ood_eval``).
 
 :func:`evaluate_ood_sets` loads a run once (any method, a posterior's folder included:
-:func:`~loraens.posteriors.load.run_scorer`), scores the in-distribution
-questions once and each OOD set in turn. :func:`write_ood_evaluation` writes each evaluation's
+:func:`~loraens.posteriors.load.run_scorer`), takes the in-distribution questions' scores
+from the run's own eval (:func:`stored_eval_log_probs`; scored once otherwise) and scores each
+OOD set in turn. :func:`write_ood_evaluation` writes each evaluation's
 per-question records (``ood/<set>_log_probs.safetensors``) and then its JSON
 (``ood/<set>.json``, :func:`~loraens.decisions.run.ood_json`): the JSON, written last, marks
 the evaluation complete, so an interrupted run redoes only what is missing.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from loraens.data.records import Question
 from loraens.decisions.run import ood_json
 from loraens.evaluation.ood import (
     RunOOD,
@@ -27,9 +29,9 @@ from loraens.evaluation.ood import (
 )
 from loraens.io import write_json_atomic
 from loraens.posteriors.load import run_scorer
-from loraens.rundir import OODLogProbs, RunDir
+from loraens.rundir import OODLogProbs, RunDir, read_jsonl
 
-__all__ = ["evaluate_ood_sets", "ood_record", "write_ood_evaluation"]
+__all__ = ["evaluate_ood_sets", "ood_record", "stored_eval_log_probs", "write_ood_evaluation"]
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,43 @@ def evaluate_ood_sets(
         progress=progress,
         trust_remote_code=trust_remote_code,
     )
-    log.info("%s: scoring %d in-distribution questions", run, len(in_questions))
-    lp_in = score(in_questions)
+    lp_in = stored_eval_log_probs(run, in_questions)
+    if lp_in is None:
+        log.info("%s: scoring %d in-distribution questions", run, len(in_questions))
+        lp_in = score(in_questions)
+    else:
+        log.info("%s: its own eval scores of the %d in-distribution questions", run, len(lp_in[0]))
     for name, questions in sets:
         log.info("%s: OOD evaluation on %s (%d questions)", run, name, len(questions))
         yield run_ood(name, in_questions, questions, lp_in, score(questions))
+
+
+def stored_eval_log_probs(run: str | Path, questions: Sequence[Question]) -> np.ndarray | None:
+    """The run's (M, N, K) log-probs of ``questions`` as its own eval scored them at the kept
+    epoch, when it scored every one of them; None otherwise.
+
+    The in-distribution questions of an OOD evaluation are drawn from the run's eval set, so
+    scoring them again repeats the eval pass: the same numbers for LoRA members and a
+    posterior's fixed draws (MC dropout: other masks of the same model), at the price of what
+    is a posterior's costliest pass (Laplace's Jacobians, TFB's draws)."""
+    folder = RunDir(Path(run))
+    try:
+        evals = folder.read_eval_log_probs()
+        kept = folder.read_summary().epoch_kept
+        ids = [str(row["id"]) for row in read_jsonl(folder.predictions)]
+    except (OSError, ValueError, KeyError):
+        return None
+    if kept not in evals.epochs or len(ids) != len(evals.labels):
+        return None
+    where = {question_id: i for i, question_id in enumerate(ids)}
+    if any(q.id not in where for q in questions):
+        return None
+    rows = [where[q.id] for q in questions]
+    labels = zip(questions, evals.labels[rows], strict=True)
+    if any(q.answer is not None and q.answer != y for q, y in labels):
+        return None  # the same ids, other questions: the eval set was not this one
+    k = max(len(q.choices) for q in questions)
+    return evals.at(kept)[:, rows, :k].astype(np.float64)
 
 
 def _labels(labels: np.ndarray | None, n: int) -> np.ndarray:

@@ -124,8 +124,9 @@ def _run_posterior(experiment: Experiment, cell: Cell, root: Path, folder: Path)
 def _run_ood_eval(experiment: Experiment, cell: Cell, folder: Path) -> None:
     """Score a finished training cell (LoRA, MC dropout or last-layer) on the experiment's
     ood_eval sets not yet done: per-question records, then the JSON with the "+ TS" figures
-    when the run is calibrated. The model is loaded and the in-distribution questions are
-    scored once for all of them."""
+    when the run is calibrated. The model is loaded once for all of them; the in-distribution
+    questions' scores are the run's own eval scores
+    (:func:`~loraens.decisions.ood.stored_eval_log_probs`)."""
     from loraens.decisions.ood import evaluate_ood_sets, write_ood_evaluation
 
     run = RunDir(folder)
