@@ -156,6 +156,22 @@ def test_linearised_covariance_is_j_sigma_jt_with_a_dense_sigma(scoring):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-9)
 
 
+def test_a_batch_at_several_priors_gives_each_questions_own_covariance_at_each():
+    """The batched path (questions and prior precisions at once, as the held-out search runs
+    it) against one question at one prior at a time, which the dense test above checks."""
+    ensemble, encoded, label_ids = _setup("answer_text")
+    posterior = _posterior(ensemble, encoded, label_ids, tau=3.0)
+    taus = torch.tensor([[0.01, 0.5], [2.0, 40.0]], dtype=torch.float64)  # (τs, members)
+    batch = torch.arange(len(encoded)).numpy()
+    _, jac, questions, _ = linearised_moments(ensemble, encoded, batch, label_ids, FP32)
+    got = posterior.logit_covariance(jac, taus)
+    for row, question in enumerate(questions):
+        _, one, _, _ = linearised_moments(ensemble, encoded, [question], label_ids, FP32)
+        for s, tau in enumerate(taus):
+            want = posterior.logit_covariance(one, tau[None])[0, :, 0]
+            torch.testing.assert_close(got[s, :, row], want, rtol=1e-9, atol=1e-12)
+
+
 def test_an_infinite_prior_precision_gives_the_map_predictive():
     ensemble, encoded, label_ids = _setup("answer_text")
     posterior = _posterior(ensemble, encoded, label_ids, tau=1e12)
