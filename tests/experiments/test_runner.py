@@ -264,3 +264,13 @@ def test_a_posterior_cell_is_fitted_on_its_source_cell_after_every_training_cell
     again = run_experiment(experiment, experiment.cells, tmp_path / "out")
     assert [o.status for o in again] == ["skipped", "skipped"]
     assert (source_folder / "summary.json").stat().st_mtime_ns == stamp
+    # A posterior whose OOD record went missing (interrupted while scoring its OOD sets) has
+    # only that set scored again: neither refitted nor its eval scored again.
+    (folder / "ood" / "arce.json").unlink()
+    fitted = {
+        name: (folder / name).stat().st_mtime_ns for name in ("summary.json", "posterior.json")
+    }
+    again = run_experiment(experiment, experiment.cells, tmp_path / "out")
+    assert [o.status for o in again] == ["skipped", "done"]
+    assert (folder / "ood" / "arce.json").is_file()
+    assert {name: (folder / name).stat().st_mtime_ns for name in fitted} == fitted

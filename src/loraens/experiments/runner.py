@@ -170,7 +170,8 @@ def _run_cell_kind(experiment: Experiment, cell: Cell, root: Path, folder: Path)
     if cell.kind == "few_shot":
         _run_few_shot(cell, folder)
     elif cell.kind == "posterior":
-        _run_posterior(experiment, cell, root, folder)
+        if cell_status(folder, cell) != "done":  # else only its OOD sets are left to score
+            _run_posterior(experiment, cell, root, folder)
         _run_ood_eval(experiment, cell, folder)
     else:
         _run_training(cell, folder)
