@@ -1004,7 +1004,8 @@ def _temperature_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | No
 
 
 def _members(run: Run | FewShotRun, final: _Final) -> np.ndarray:
-    return final.member_log_probs  # (M, N, K): the figures of its mean single member
+    """(M, N, K): compared as its mean single member (few-shot: the mean over its draws)."""
+    return final.member_log_probs
 
 
 def _members_scaled(run: Run | FewShotRun, final: _Final) -> np.ndarray | None:
@@ -1052,9 +1053,6 @@ def _differences(rs: RunSet, task: str) -> Panel:
     def ensemble(run: Run | FewShotRun, final: _Final) -> np.ndarray:
         return ensemble_log_probs(final.member_log_probs)
 
-    def draws(run: Run | FewShotRun, final: _Final) -> np.ndarray:
-        return final.member_log_probs  # few-shot: the mean over draws, as the paper reports
-
     # One strength per regulariser family (the lowest ensemble NLL, as in Fig. 1a, 3 and 5).
     regularised = [s for s in rs.variants(task, is_plain_lora, ref) if s.first.family != "none"]
     others = _one_per_family(regularised) if regularised else []
@@ -1070,7 +1068,7 @@ def _differences(rs: RunSet, task: str) -> Panel:
     few = [f for f in rs.few_shot if f.task == task and f.has_predictions]
     if few:
         name = f"few-shot k={few[0].result.k} (mean of {few[0].result.draws} draws)"
-        reference.versus(name, few, draws, panel)
+        reference.versus(name, few, _members, panel)  # the mean over draws, as the paper
     # Early stopping needs no run of its own: with a constant learning rate, stopping after
     # epoch e gives the reference's epoch-e members (as Fig. 2's early-stop arrows read them).
     for epoch in _early_stop_epochs(reference):

@@ -211,14 +211,14 @@ def _shift_set(ref: Setting, others: list[Setting], ood_set: str, panel: Panel) 
     seeds = set(shift.models[shift.names["ensemble"]])
     for setting in others:
         name = f"{setting.first.label} (M={setting.first.members})"
-        posterior = setting.first.method in BAYESIAN_METHODS
-        if posterior:
+        bayesian = setting.first.method in BAYESIAN_METHODS
+        if bayesian:
             name = _names(setting.first.members, setting.first.method)["ensemble"]
         for run in setting.runs:
             record = _record(run, ood_set) if run.seed in seeds else None
             if record is None or run.seed in shift.models.get(name, {}):
                 continue
-            if shift.same_questions(record) and posterior:
+            if shift.same_questions(record) and bayesian:
                 members = record.in_log_probs.shape[0]
                 models = _names(members, run.method)
                 shift.add(run.seed, _reference_models(record, _temperatures(run, members), models))
