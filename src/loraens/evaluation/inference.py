@@ -124,31 +124,47 @@ def score_members(
             dropout,
         ):
             for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-                rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
-                for members in slices:
-                    n_active = (members.stop - members.start) * passes
-                    inputs = rows_batch(
-                        encoded,
-                        rows * n_active,
-                        0,
-                        packed=runtime.packing,
-                        width_multiple=runtime.width_multiple,
-                    )
-                    with ensemble.members(members):
-                        logits = option_logits(
-                            model, inputs, runtime, label_ids[:n_labels], encoded.options
-                        )
-                    by_copy = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
-                    scored = inputs["indices"][: len(batch)].numpy()  # row order of one copy
-                    n_choices = np.asarray([encoded.n_choices[i] for i in scored])
-                    first_row = members.start * passes
-                    for offset in range(n_active):
-                        out[first_row + offset, scored] = normalize_label_log_probs(
-                            by_copy[offset], n_choices
-                        )
+                _score_batch(
+                    ensemble, encoded, batch, lengths, slices, passes, label_ids, runtime, out
+                )
     finally:
         model.train(was_training)
     return out
+
+
+def _score_batch(
+    ensemble: LoRAEnsemble,
+    encoded: EncodedQuestions,
+    batch: np.ndarray,
+    lengths: Sequence[int],
+    slices: list[slice],
+    passes: int,
+    label_ids: torch.Tensor,
+    runtime: Runtime,
+    out: np.ndarray,
+) -> None:
+    """One batch of questions through every slice of members; fills their rows of ``out``."""
+    n_labels = out.shape[-1]
+    rows = plan_rows([batch], lengths, runtime.row_tokens)[0]
+    for members in slices:
+        n_active = (members.stop - members.start) * passes
+        inputs = rows_batch(
+            encoded,
+            rows * n_active,
+            0,
+            packed=runtime.packing,
+            width_multiple=runtime.width_multiple,
+        )
+        with ensemble.members(members):
+            logits = option_logits(
+                ensemble.model, inputs, runtime, label_ids[:n_labels], encoded.options
+            )
+        by_copy = logits.view(n_active, len(batch), n_labels).cpu().double().numpy()
+        scored = inputs["indices"][: len(batch)].numpy()  # row order of one copy
+        n_choices = np.asarray([encoded.n_choices[i] for i in scored])
+        first_row = members.start * passes
+        for offset in range(n_active):
+            out[first_row + offset, scored] = normalize_label_log_probs(by_copy[offset], n_choices)
 
 
 def score_draws(
