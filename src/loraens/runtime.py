@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import gc
 import os
 import sys
 from dataclasses import dataclass, replace
@@ -191,10 +192,16 @@ def reset_peak_memory(device: torch.device) -> None:
     """Start counting the peak afresh, so that :func:`peak_memory_gb` is this work's and not an
     earlier one's in the same process (an experiment runs its cells one after another). On
     Linux writing 5 to /proc/self/clear_refs resets the resident set's high-water mark; where
-    that is not possible the peak stays the process's."""
+    that is not possible the peak stays the process's.
+
+    The mark restarts from the resident set as it is, so the heap an earlier cell freed but
+    glibc kept is handed back first: without it a cell run after a larger one (TFB after
+    Laplace-LoRA) counts the larger one's leftover heap as its own."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         return
+    gc.collect()
+    release_free_memory()
     try:
         with open("/proc/self/clear_refs", "w") as handle:
             handle.write("5")
