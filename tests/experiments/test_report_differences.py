@@ -22,6 +22,7 @@ RESAMPLES = 2000  # the report's default
 ENSEMBLE_GAIN = "ensemble − mean single member"
 VERSUS = "method − reference ensemble"
 DIVERSITY = "members' diversity: method − reference"
+SIZE = "ensemble size: M members − fewer"
 N_BINS = 15
 
 
@@ -320,12 +321,40 @@ def test_runs_that_cannot_be_paired_are_left_out_with_the_reason(differences):
     assert 'id="differences"' in page and "not shown" in page
 
 
+def test_ensemble_size_rows_recompute_from_the_subsets_of_every_seed(tmp_path):
+    """A 6-member pool: M = 3 and 5 (the same 5 random subsets on both seeds, drawn as Fig. 6
+    documents) and the whole pool, each against the mean member and the next smaller size."""
+    for seed in (0, 1):
+        write_train_run(tmp_path / "runs" / f"s{seed}", seed=seed, members=6)
+    write_report([tmp_path / "runs"], tmp_path / "report")
+    rows = [r for r in read_csv(tmp_path / "report" / "differences.csv") if r["claim"] == SIZE]
+    finals = [_final(tmp_path / "runs" / f"s{seed}") for seed in (0, 1)]
+    y = finals[0][1]
+
+    def model(size: int) -> list[np.ndarray]:
+        if size == 1:
+            return [lp for lp, _ in finals]
+        rng = np.random.default_rng([0, size])  # one generator per size, five draws from it
+        subsets = [rng.choice(6, size=size, replace=False) for _ in range(5)]
+        return [np.stack([_ensemble(lp[s]) for s in subsets]) for lp, _ in finals]
+
+    name = {1: "mean single member", 3: "LoRA ens. (M=3, mean of 5 subsets of 6)"}
+    name |= {5: "LoRA ens. (M=5, mean of 5 subsets of 6)", 6: "LoRA ens. (M=6)"}
+    pairs = [(3, 1), (5, 1), (5, 3), (6, 1), (6, 5)]
+    assert sorted((r["a"], r["b"], r["metric"]) for r in rows) == sorted(
+        (name[m], name[v], metric) for m, v in pairs for metric in ("accuracy", "nll", "ece")
+    )
+    for row in rows:
+        m, v = (next(k for k, n in name.items() if n == row[side]) for side in ("a", "b"))
+        _check(row, _expected(model(m), model(v), y, row["metric"]), "0 1")
+
+
 def test_without_per_epoch_log_probs_the_final_predictions_serve(tmp_path):
     for seed in (0, 1):
         write_train_run(tmp_path / "runs" / f"s{seed}", seed=seed, eval_log_probs=False)
     index = write_report([tmp_path / "runs"], tmp_path / "report")
     rows = read_csv(tmp_path / "report" / "differences.csv")
-    assert {r["claim"] for r in rows} == {"ensemble − mean single member"}
+    assert {r["claim"] for r in rows} == {"ensemble − mean single member", SIZE}
     pools = [read_prediction_pool(tmp_path / "runs" / f"s{s}") for s in (0, 1)]
     y = pools[0].labels
     lps = [p.member_log_probs for p in pools]

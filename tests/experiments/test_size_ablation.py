@@ -7,18 +7,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import make_questions
 from safetensors.numpy import load_file
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from loraens.data.records import Question
 from loraens.evaluation.predictions import write_predictions
 from loraens.experiments.size_ablation import (
+    SIZE_METRICS,
     SOURCE_LOG_PROBS,
     SOURCE_PREDICTIONS,
     ablate_run_size,
     draw_subsets,
     ensemble_size_ablation,
     read_prediction_pool,
+    size_differences,
 )
 from loraens.rundir import RunDir, RunSummary, read_jsonl
 
@@ -265,3 +269,82 @@ def test_a_run_without_the_log_prob_file_falls_back_to_its_final_predictions(tmp
     assert rows[1]["mean"]["nll"] == pytest.approx(nll, rel=1e-12)
     # The file itself given: no epoch to name.
     assert ablate_run_size(run.predictions, sizes=(4,), draws=1)[0]["epoch"] is None
+
+
+def _subset(pool_size, size):
+    """The documented draw of one size-M subset: ``default_rng([seed, M])``, seed 0."""
+    return np.random.default_rng([0, size]).choice(pool_size, size=size, replace=False)
+
+
+def test_size_differences_match_a_brute_force_bootstrap_over_seeds():
+    """Each size's gain equals a loop over resamples, seeds, subsets and members written out
+    here, from the documented question draws (``default_rng(0).integers``) and subsets."""
+    pools = [_pool(p=4, n=25, k=3, seed=s)[0] for s in (1, 2)]
+    labels = _pool(p=4, n=25, k=3, seed=3)[1]
+    resamples = 300
+    got = size_differences(pools, labels, sizes=(1, 3, 4, 7), draws=1, n_resamples=resamples)
+    assert [(d.size, d.versus, d.metric) for d in got] == [
+        (m, v, metric) for m, v in ((3, 1), (4, 1), (4, 3)) for metric in SIZE_METRICS
+    ]
+
+    def members_of(pool, size):  # the size-M model's arrays: every member, or one subset's ensemble
+        if size == 1:
+            return list(pool)
+        probs = np.exp(pool[_subset(len(pool), size)]).mean(axis=0)
+        return [np.log(probs)]
+
+    def nll(lp, rows):
+        return float(np.mean(-lp[rows, labels[rows]]))
+
+    def accuracy(lp, rows):
+        return float(np.mean(lp[rows].argmax(axis=1) == labels[rows]))
+
+    draws = np.random.default_rng(0).integers(0, 25, size=(resamples, 25))
+    everything = np.arange(25)
+    for d in got:
+        if d.metric == "ece":
+            continue
+        score = nll if d.metric == "nll" else accuracy
+
+        def gain(rows, d=d, score=score):
+            return np.mean(
+                [
+                    np.mean([score(x, rows) for x in members_of(pool, d.size)])
+                    - np.mean([score(x, rows) for x in members_of(pool, d.versus)])
+                    for pool in pools
+                ]
+            )
+
+        assert d.difference.estimate == pytest.approx(gain(everything), abs=1e-12)
+        resampled = [gain(rows) for rows in draws]
+        low, high = np.percentile(resampled, [2.5, 97.5])
+        assert (d.difference.low, d.difference.high) == pytest.approx((low, high), abs=1e-12)
+        assert d.difference.n_seeds == 2
+
+
+def test_size_differences_ece_is_torchmetrics_on_each_subset_ensemble():
+    pools = [_pool(p=5, n=60, k=4, seed=s)[0] for s in (4, 5)]
+    labels = _pool(p=5, n=60, k=4, seed=6)[1]
+    got = size_differences(pools, labels, sizes=(3,), draws=2, n_resamples=20)
+    (ece,) = [d for d in got if d.metric == "ece" and d.size == 3]
+
+    def tm_ece(lp):
+        return multiclass_calibration_error(
+            torch.from_numpy(np.exp(lp)), torch.from_numpy(labels), num_classes=4, n_bins=15
+        ).item()
+
+    subsets = draw_subsets(5, 3, 2, 0)
+    expected = np.mean(
+        [
+            np.mean([tm_ece(np.log(np.exp(pool[list(s)]).mean(axis=0))) for s in subsets])
+            - np.mean([tm_ece(member) for member in pool])
+            for pool in pools
+        ]
+    )
+    assert ece.difference.estimate == pytest.approx(expected, abs=1e-6)
+
+
+def test_size_differences_need_pools_of_one_shape():
+    a, labels = _pool(p=4, n=10, k=3)
+    with pytest.raises(ValueError, match="one shape"):
+        size_differences([a, a[:3]], labels, sizes=(3,))

@@ -65,6 +65,7 @@ from loraens.experiments.size_ablation import (
     ablate_epoch_pools,
     read_epoch_pools,
     read_prediction_pool,
+    size_differences,
 )
 from loraens.rundir import RunDir
 from loraens.rundir.layout import (
@@ -733,6 +734,8 @@ VERSUS_CLAIM = "method − reference ensemble"
 CALIBRATED_VERSUS_CLAIM = "method − reference ensemble + TS"
 DIVERSITY_CLAIM = "members' diversity: method − reference"
 OVERCONFIDENCE_CLAIM = "over-confidence: last − first epoch"
+# Fig. 6 with intervals: the reference's random size-M subsets against fewer members.
+SIZE_CLAIM = "ensemble size: M members − fewer"
 DIFFERENCE_COLUMNS = (
     "task", "claim", "metric", "a", "b", "a_value", "b_value", "difference", "low", "high",
     "seeds", "n_seeds", "seed_mean", "seed_sd", "seed_min", "seed_max", "questions",
@@ -917,6 +920,31 @@ def _ensemble_gain_rows(ref: _Reference) -> list[dict]:
     ]
 
 
+def _size_rows(ref: _Reference) -> list[dict]:
+    """Each size the reference's pool allows (M = 1, the paper's 3, 5, 10, 15 and the whole
+    pool, as Fig. 6) against the mean single member and the next smaller size."""
+    seeds = sorted(ref.finals)
+    pools = [ref.finals[s].member_log_probs for s in seeds]
+    pool_size = pools[0].shape[0]
+    if pool_size < 3:  # M = 2 against one member is the ensemble's own gain row
+        return []
+    sizes = tuple(m for m in DEFAULT_SIZES if m < pool_size) + (pool_size,)
+
+    def name(m: int) -> str:
+        if m == 1:
+            return "mean single member"
+        if m == pool_size:
+            return ref.name
+        return f"LoRA ens. (M={m}, mean of {SIZE_DRAWS} subsets of {pool_size})"
+
+    return [
+        difference_row(
+            ref.task, SIZE_CLAIM, d.metric, name(d.size), name(d.versus), seeds, d.difference
+        )
+        for d in size_differences(pools, ref.labels, sizes, SIZE_DRAWS)
+    ]
+
+
 def _calibrated_gain_rows(ref: _Reference) -> list[dict]:
     """The temperature-scaled ensemble minus its temperature-scaled members (each with its own
     T): what ensembling adds once every model is calibrated on the hold-out."""
@@ -1049,6 +1077,7 @@ def _differences(rs: RunSet, task: str) -> Panel:
         )
         return panel
     panel.rows += _ensemble_gain_rows(reference)
+    panel.rows += _size_rows(reference)
 
     def ensemble(run: Run | FewShotRun, final: _Final) -> np.ndarray:
         return ensemble_log_probs(final.member_log_probs)
@@ -1269,6 +1298,9 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "reference with temperature scaling, only on seeds the reference has and on the same "
         "questions. "
         "Every compared ensemble also gets its own ensemble − mean single member rows. "
+        f"Ensemble size (Fig. 6 with intervals): each size M of the reference's pool (the mean "
+        f"over the same {SIZE_DRAWS} random size-M subsets as Fig. 6, the same subsets in every "
+        "seed) against the mean single member and against the next smaller size. "
         "Over-confidence: the mean single member at its last evaluated epoch minus its first. "
         "Members' diversity, for every compared ensemble against the reference's members: "
         "mutual_information is the mean over questions of H[ensemble] − mean H[member] (nats), "

@@ -11,12 +11,15 @@ ones).
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from numpy.typing import ArrayLike
 
+from loraens.evaluation.intervals import DEFAULT_RESAMPLES, Difference, paired_difference
 from loraens.evaluation.metrics import ensemble_log_probs, summarize
 from loraens.evaluation.tables import METRICS
 from loraens.rundir import EvalLogProbs, RunDir, read_jsonl
@@ -99,6 +102,67 @@ def ensemble_size_ablation(
             }
         )
     return rows
+
+
+SIZE_METRICS = ("accuracy", "nll", "ece")  # Fig. 6's panels
+
+
+@dataclass(frozen=True)
+class SizeDifference:
+    """Size-M ensembles (the mean over their random subsets) minus ``versus``-member ones.
+
+    ``versus == 1`` is the mean single member over the whole pool (every member, not a draw of
+    them); otherwise the next smaller size studied, on its own subsets.
+    """
+
+    size: int
+    versus: int
+    metric: str
+    difference: Difference
+
+
+def _size_stack(pool: np.ndarray, size: int, draws: int, seed: int) -> np.ndarray:
+    """(J, N, K): every member (size 1) or the ensembles of ``draws`` random size-M subsets."""
+    if size == 1:
+        return pool
+    return np.stack(
+        [ensemble_log_probs(pool[list(s)]) for s in draw_subsets(len(pool), size, draws, seed)]
+    )
+
+
+def size_differences(
+    pools: Sequence[ArrayLike],
+    labels: ArrayLike,
+    sizes: tuple[int, ...],
+    draws: int = DEFAULT_DRAWS,
+    seed: int = 0,
+    n_resamples: int = DEFAULT_RESAMPLES,
+) -> list[SizeDifference]:
+    """How much each ensemble size gains, with paired-bootstrap intervals pooled over seeds.
+
+    ``pools`` holds one (P, N, K) member log-prob array per training seed, every one scored on
+    the same questions (``labels``) with the same pool size P. For each size M > 1 in ``sizes``
+    (at most P), the size-M model is the :func:`ensemble_size_ablation` subsets (the same in
+    every seed, keyed by ``seed`` and M), its metric their mean; it is compared with the mean
+    single member and with the next smaller size, on every :data:`SIZE_METRICS` metric.
+    """
+    stacks = [np.asarray(lp, dtype=np.float64) for lp in pools]
+    if not stacks or len({lp.shape for lp in stacks}) != 1 or stacks[0].ndim != 3:
+        raise ValueError(
+            f"pools must be (P, N, K) arrays of one shape, got {[lp.shape for lp in stacks]}"
+        )
+    pool_size = stacks[0].shape[0]
+    studied = sorted({1, *(m for m in sizes if 1 <= m <= pool_size)})
+    models = {m: [_size_stack(lp, m, draws, seed) for lp in stacks] for m in studied}
+    out = []
+    for smaller, size in itertools.pairwise(studied):
+        for versus in dict.fromkeys((1, smaller)):
+            for metric in SIZE_METRICS:
+                d = paired_difference(
+                    models[size], models[versus], labels, metric, n_resamples=n_resamples
+                )
+                out.append(SizeDifference(size, versus, metric, d))
+    return out
 
 
 @dataclass(frozen=True)
