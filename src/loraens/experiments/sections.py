@@ -59,13 +59,13 @@ from loraens.experiments.runs import (
     is_plain_lora,
 )
 from loraens.experiments.size_ablation import (
-    DEFAULT_SIZES,
     EpochPools,
     PredictionPool,
     ablate_epoch_pools,
     read_epoch_pools,
     read_prediction_pool,
     size_differences,
+    sizes_for_pool,
 )
 from loraens.rundir import RunDir
 from loraens.rundir.layout import (
@@ -502,9 +502,7 @@ def _fig_6(rs: RunSet, task: str) -> Panel:
     if pools is None or pools.member_log_probs.shape[1] < 2:
         return Panel(missing=["a LoRA run with at least 2 members"])
     pool_size = pools.member_log_probs.shape[1]
-    # M = 1 and the paper's {3, 5, 10, 15} that fit, and the whole pool.
-    sizes = tuple(sorted({m for m in DEFAULT_SIZES if m <= pool_size} | {pool_size}))
-    ablation = ablate_epoch_pools(pools, sizes, SIZE_DRAWS)
+    ablation = ablate_epoch_pools(pools, sizes_for_pool(pool_size), SIZE_DRAWS)
     rows = [
         {
             "task": task,
@@ -928,7 +926,6 @@ def _size_rows(ref: _Reference) -> list[dict]:
     pool_size = pools[0].shape[0]
     if pool_size < 3:  # M = 2 against one member is the ensemble's own gain row
         return []
-    sizes = tuple(m for m in DEFAULT_SIZES if m < pool_size) + (pool_size,)
 
     def name(m: int) -> str:
         if m == 1:
@@ -941,7 +938,7 @@ def _size_rows(ref: _Reference) -> list[dict]:
         difference_row(
             ref.task, SIZE_CLAIM, d.metric, name(d.size), name(d.versus), seeds, d.difference
         )
-        for d in size_differences(pools, ref.labels, sizes, SIZE_DRAWS)
+        for d in size_differences(pools, ref.labels, sizes_for_pool(pool_size), SIZE_DRAWS)
     ]
 
 

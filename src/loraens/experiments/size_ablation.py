@@ -49,6 +49,11 @@ def draw_subsets(pool_size: int, size: int, draws: int, seed: int) -> list[tuple
     ]
 
 
+def sizes_for_pool(pool_size: int) -> tuple[int, ...]:
+    """The sizes Fig. 6 studies for a pool of P members: M = 1, the paper's that fit, and P."""
+    return tuple(sorted({m for m in DEFAULT_SIZES if m <= pool_size} | {pool_size}))
+
+
 def _mean_std(values: list[float]) -> tuple[float, float]:
     """Mean and population std; equal values give exactly (value, 0.0).
 
